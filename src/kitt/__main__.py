@@ -1,0 +1,3 @@
+from kitt.cli.main import main
+
+main()

@@ -1,0 +1,44 @@
+"""The agent's own HTTP API (Flask). Commands and log streams join it in later work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from kitt import __version__
+from kitt.agent.config import AgentConfig
+from kitt.agent.state import AgentState
+from kitt.jsonapi import dump, install_json_errors
+from kitt.protocol import AgentStatusReport, Health
+
+
+def create_agent_app(config: AgentConfig, state: AgentState) -> Flask:
+    app = Flask("kitt.agent")
+    install_json_errors(app)
+
+    @app.get("/api/health")
+    def health() -> Any:
+        return dump(Health(version=__version__))
+
+    @app.get("/api/status")
+    def status() -> Any:
+        snap = state.snapshot()
+        return dump(
+            AgentStatusReport(
+                name=config.name,
+                agent_id=snap.agent_id,
+                status=snap.status,
+                running=snap.status == "running",
+                current_task=snap.current_task,
+                uptime_s=snap.uptime_s,
+                version=__version__,
+                server_url=config.server_url,
+                registered=snap.agent_id is not None,
+                last_heartbeat_ok=snap.last_heartbeat_ok,
+                last_error=snap.last_error,
+                pid=state.pid,
+            )
+        )
+
+    return app

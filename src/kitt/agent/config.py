@@ -1,0 +1,101 @@
+"""``agent.yaml``: loading with field-naming errors, and atomic 0600 updates by ``init``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kitt.errors import ConfigError, NotConfiguredError
+from kitt.paths import write_private
+from kitt.protocol import AgentName
+from kitt.urls import validate_server_url
+
+DEFAULT_AGENT_PORT = 8090
+
+
+class TlsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+
+class AgentConfig(BaseModel):
+    """The agent's config. Unknown top-level keys are rejected: a misspelt key that is
+    silently ignored is worse than a start that names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: AgentName
+    server_url: str
+    token: str | None = None
+    port: int = Field(default=DEFAULT_AGENT_PORT, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    tls: TlsConfig | None = None
+    backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
+    log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
+    engines: dict[str, Any] = Field(default_factory=dict)
+    benchmarks: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("server_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return validate_server_url(value)
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotConfiguredError(
+            f"no agent config at {path}: run `kitt-agent init --server URL` first"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of keys to values, got {type(data).__name__}"
+        )
+    return data
+
+
+def validate(data: dict[str, Any], path: Path) -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (misspelt?)"
+            problems.append(f"field '{field}': {msg}")
+        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    return validate(read_raw(path), path)
+
+
+def update_config(path: Path, changes: dict[str, Any]) -> AgentConfig:
+    """Merge ``changes`` into the file (other keys untouched), validate, write atomically."""
+    data = read_raw(path) if path.exists() else {}
+    data.update({k: v for k, v in changes.items() if v is not None})
+    config = validate(data, path)
+    data["server_url"] = config.server_url
+    write_private(path, yaml.safe_dump(data, sort_keys=False))
+    return config

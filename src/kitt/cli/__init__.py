@@ -1,0 +1,1 @@
+"""The ``kitt`` and ``kitt-agent`` command lines (click)."""

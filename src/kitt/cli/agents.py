@@ -1,0 +1,146 @@
+"""``kitt agents …``: the fleet as the server sees it."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.table import Table
+
+from kitt.cli.common import KittGroup, ago, console, human_duration
+from kitt.fleet_client import FleetClient, resolve_server_url
+from kitt.protocol import ID_RE
+
+STATE_STYLE = {"offline": "red", "idle": "green", "running": "cyan", "error": "yellow"}
+server_option = click.option(
+    "--server", "server_url", help="Server URL (default: $KITT_SERVER, then the local server)."
+)
+
+
+def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _name(value: str) -> str:
+    if not ID_RE.match(value.replace(".", "_")):
+        raise click.BadParameter(f"{value!r} is not an agent name or id")
+    return value
+
+
+@click.group(cls=KittGroup, name="agents")
+def agents() -> None:
+    """List, inspect and remove the agents registered with a server."""
+
+
+@agents.command("list")
+@server_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_agents(server_url: str | None, as_json: bool) -> None:
+    """Every agent with its state, GPUs, utilisation and last heartbeat."""
+    with FleetClient(resolve_server_url(server_url)) as fleet:
+        items = fleet.agents()
+    if as_json:
+        click.echo(json.dumps([a.model_dump(mode="json") for a in items], indent=2))
+        return
+    if not items:
+        console.print("no agents registered yet")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "STATE", "TASK", "GPUS", "GPU UTIL", "GPU MEM", "ADDRESS", "LAST SEEN"):
+        table.add_column(col)
+    for a in items:
+        style = STATE_STYLE.get(a.state, "")
+        table.add_row(
+            a.name,
+            f"[{style}]{a.state}[/]",
+            a.current_task or "-",
+            a.gpu_info or "none",
+            _fmt(a.gpu_utilization_pct, "%"),
+            _fmt(a.gpu_memory_used_gb, " GB"),
+            f"{a.address}:{a.port}" if a.address else "-",
+            ago(a.last_seen_at),
+        )
+    console.print(table)
+
+
+@agents.command()
+@click.argument("name", callback=lambda _c, _p, v: _name(v))
+@server_option
+@click.option(
+    "--history",
+    type=click.IntRange(0, 10_000),
+    default=10,
+    show_default=True,
+    help="How many recent heartbeats to show.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(name: str, server_url: str | None, history: int, as_json: bool) -> None:
+    """One agent: hardware, live telemetry per GPU, and recent heartbeats."""
+    with FleetClient(resolve_server_url(server_url)) as fleet:
+        detail = fleet.agent(name)
+        beats = fleet.heartbeats(detail.id, history) if history else []
+    if as_json:
+        out = detail.model_dump(mode="json")
+        out["heartbeats"] = [b.model_dump(mode="json") for b in beats]
+        click.echo(json.dumps(out, indent=2))
+        return
+    hw = detail.hardware
+    style = STATE_STYLE.get(detail.state, "")
+    for key, value in (
+        ("name", detail.name),
+        ("id", detail.id),
+        ("state", f"[{style}]{detail.state}[/]"),
+        ("current task", detail.current_task or "-"),
+        ("host", f"{detail.hostname} ({detail.address}:{detail.port})"),
+        ("kitt", detail.kitt_version),
+        ("cpu", detail.cpu_info or "-"),
+        ("ram", f"{_fmt(detail.ram_used_gb, '')} / {_fmt(detail.ram_gb, ' GB')}"),
+        ("gpus", detail.gpu_info or "none"),
+        ("driver / cuda", f"{hw.gpu_driver_version or '-'} / {hw.cuda_version or '-'}"),
+        ("uptime", human_duration(detail.uptime_s)),
+        ("registered", ago(detail.registered_at)),
+        ("last seen", ago(detail.last_seen_at)),
+    ):
+        console.print(f"{key:>14}: {value}", highlight=False)
+    if detail.gpus:
+        table = Table(title="GPUs", box=None, pad_edge=False)
+        for col in ("#", "NAME", "UTIL", "MEMORY", "TEMP", "POWER"):
+            table.add_column(col)
+        for g in detail.gpus:
+            table.add_row(
+                str(g.index),
+                g.name or "-",
+                _fmt(g.utilization_pct, "%"),
+                f"{_fmt(g.memory_used_gb, '')} / {_fmt(g.memory_total_gb, ' GB')}",
+                _fmt(g.temperature_c, " °C", 0),
+                _fmt(g.power_w, " W", 0),
+            )
+        console.print(table)
+    if beats:
+        table = Table(title="recent heartbeats", box=None, pad_edge=False)
+        for col in ("TIME", "STATUS", "GPU UTIL", "GPU MEM", "CPU", "UPTIME"):
+            table.add_column(col)
+        for b in beats:
+            table.add_row(
+                b.ts.strftime("%Y-%m-%d %H:%M:%S"),
+                b.status,
+                _fmt(b.gpu_utilization_pct, "%"),
+                _fmt(b.gpu_memory_used_gb, " GB"),
+                _fmt(b.cpu_percent, "%"),
+                human_duration(b.uptime_s),
+            )
+        console.print(table)
+
+
+@agents.command()
+@click.argument("name", callback=lambda _c, _p, v: _name(v))
+@server_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def remove(name: str, server_url: str | None, yes: bool) -> None:
+    """Forget an agent and its heartbeat history (it re-registers if it is still running)."""
+    url = resolve_server_url(server_url)
+    if not yes:
+        click.confirm(f"remove agent {name!r} from {url}?", abort=True)
+    with FleetClient(url) as fleet:
+        body = fleet.remove(name)
+    click.echo(f"removed agent {body['name']} (id {body['deleted']})")

@@ -1,0 +1,30 @@
+"""Entry points: ``kitt`` (everything) and ``kitt-agent`` (exactly ``kitt agent``)."""
+
+from __future__ import annotations
+
+import click
+
+from kitt import __version__
+from kitt.cli.agent import agent
+from kitt.cli.agents import agents
+from kitt.cli.common import KittGroup
+from kitt.cli.server import server
+
+
+@click.group(cls=KittGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="kitt")
+def cli() -> None:
+    """KITT: benchmark LLM inference across a fleet of GPU machines."""
+
+
+cli.add_command(server)
+cli.add_command(agent)
+cli.add_command(agents)
+
+
+def main() -> None:
+    cli(prog_name="kitt")
+
+
+def agent_main() -> None:
+    agent(prog_name="kitt-agent", help_option_names=["-h", "--help"])

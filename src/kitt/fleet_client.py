@@ -1,0 +1,58 @@
+"""The user's client for the server's fleet API, and how it finds the server."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from kitt.apiclient import ApiClient
+from kitt.errors import KittError
+from kitt.http import build_client
+from kitt.paths import ServerPaths
+from kitt.protocol import AgentDetail, AgentSummary, HeartbeatRecord
+from kitt.urls import validate_server_url
+
+
+def resolve_server_url(flag: str | None) -> str:
+    """``--server``, else ``KITT_SERVER``, else the server running under this KITT_HOME."""
+    for candidate in (flag, os.environ.get("KITT_SERVER")):
+        if candidate:
+            try:
+                return validate_server_url(candidate)
+            except ValueError as exc:
+                raise KittError(str(exc)) from None
+    endpoint = ServerPaths.default().endpoint
+    try:
+        return str(json.loads(endpoint.read_text())["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise KittError(
+            "no server given: pass --server URL or set KITT_SERVER "
+            f"(and no local server found at {endpoint})"
+        ) from None
+
+
+class FleetClient:
+    def __init__(self, server_url: str, *, insecure: bool = False) -> None:
+        self._api = ApiClient(build_client(server_url, insecure=insecure))
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._api.close()
+
+    def agents(self) -> list[AgentSummary]:
+        body: Any = self._api.json("GET", "/api/v1/agents")
+        return [AgentSummary.model_validate(a) for a in body["agents"]]
+
+    def agent(self, id_or_name: str) -> AgentDetail:
+        return self._api.call("GET", f"/api/v1/agents/{id_or_name}", AgentDetail)
+
+    def heartbeats(self, id_or_name: str, limit: int) -> list[HeartbeatRecord]:
+        body: Any = self._api.json("GET", f"/api/v1/agents/{id_or_name}/heartbeats?limit={limit}")
+        return [HeartbeatRecord.model_validate(h) for h in body["heartbeats"]]
+
+    def remove(self, id_or_name: str) -> dict[str, Any]:
+        body: dict[str, Any] = self._api.json("DELETE", f"/api/v1/agents/{id_or_name}")
+        return body

@@ -1,0 +1,151 @@
+"""The one place that builds HTTP clients and servers.
+
+Every outbound call (agent → server, CLI → server, server → agent) gets its client from
+:func:`build_client`, and both Flask apps are served by :class:`WsgiServer`. TLS settles
+here: when the security work adds certificates, it adds them to :class:`TlsFiles` and
+nothing else in the code base changes shape.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cheroot import wsgi
+
+from kitt import __version__
+from kitt.errors import DaemonStartError
+from kitt.protocol import MAX_BODY_BYTES
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"kitt/{__version__}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Certificate material for one side of a connection (all paths PEM)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def client_context(self) -> ssl.SSLContext:
+        # verify="ca.pem" plus cert=(crt, key) makes httpx send NO client certificate;
+        # a context carrying both is the only way to get mutual TLS (ARCHITECTURE.md §7).
+        ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        if self.cert and self.key:
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+
+def build_client(
+    base_url: str,
+    *,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
+    insecure: bool = False,
+    timeout: float = 10.0,
+) -> httpx.Client:
+    headers = {"User-Agent": USER_AGENT}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    verify: ssl.SSLContext | bool = True
+    if base_url.startswith("https://"):
+        verify = False if insecure else (tls or TlsFiles()).client_context()
+    return httpx.Client(
+        base_url=base_url,
+        headers=headers,
+        verify=verify,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+        limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60),
+    )
+
+
+def error_message(response: httpx.Response) -> str:
+    """The ``error`` field of a JSON error body, or a short excerpt of whatever came back."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return str(body["error"])
+    return str(body)[:200]
+
+
+class WsgiServer:
+    """A cheroot server run on a background thread.
+
+    ``bind`` happens in :meth:`start` on the caller's thread so that "port in use" and
+    similar failures surface as :class:`DaemonStartError` before a daemon reports ready.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        numthreads: int = 32,
+        name: str = "kitt",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._server = wsgi.Server(
+            (host, port),
+            app,
+            numthreads=numthreads,
+            server_name=name,
+            # cheroot's defaults (queue 5, 10 keep-alive connections) collapse under a
+            # fleet's heartbeats; these hold thousands of idle keep-alive agents.
+            request_queue_size=1024,
+            timeout=30,
+            shutdown_timeout=5,
+            accepted_queue_size=-1,
+        )
+        self._server.keep_alive_conn_limit = 20_000
+        self._server.max_request_body_size = MAX_BODY_BYTES + 64 * 1024
+        setattr(self._server, "error_log", self._error_log)  # noqa: B010 - cheroot's hook
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _error_log(msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+        log.log(level, "cheroot: %s", msg, exc_info=traceback)
+
+    @property
+    def bound_port(self) -> int:
+        return int(self._server.bind_addr[1])
+
+    def start(self) -> None:
+        try:
+            self._server.prepare()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE or "in use" in str(exc).lower():
+                raise DaemonStartError(
+                    f"port {self.port} on {self.host} is already in use "
+                    "(another KITT process or another program is listening there)"
+                ) from exc
+            if exc.errno == errno.EACCES:
+                raise DaemonStartError(
+                    f"not allowed to listen on {self.host}:{self.port} (ports below 1024 need root)"
+                ) from exc
+            raise DaemonStartError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+        self._thread = threading.Thread(target=self._serve, name="http-server", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self._server.serve()
+        except Exception:
+            log.exception("HTTP server stopped on an error")
+
+    def stop(self) -> None:
+        self._server.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

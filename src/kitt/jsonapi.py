@@ -1,0 +1,82 @@
+"""JSON API plumbing shared by the server's and the agent's Flask apps.
+
+Both apps must answer every bad request with ``{"error": "..."}`` and a 4xx, never an
+HTML page or a 500 (ARCHITECTURE.md §4); this module is where that rule lives.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+from flask import Flask, Response, jsonify, request
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from kitt.protocol import ID_RE, MAX_BODY_BYTES, describe_validation_error
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiFailure(Exception):
+    """Raised by a view to answer ``status`` with a JSON error body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify(error=message), status
+
+
+def parse_body(model: type[M]) -> M:
+    """Validate the request body against ``model`` or raise a 400 naming the bad fields."""
+    data = request.get_json(force=True, silent=True)
+    if data is None:
+        raise ApiFailure(400, "request body must be valid JSON")
+    if not isinstance(data, dict):
+        raise ApiFailure(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiFailure(400, describe_validation_error(exc)) from exc
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not ID_RE.match(value):
+        raise ApiFailure(400, f"invalid {what} {value[:80]!r}: expected 1-64 of [A-Za-z0-9_-]")
+    return value
+
+
+def dump(model: BaseModel, status: int = 200) -> tuple[Response, int]:
+    return Response(model.model_dump_json(), mimetype="application/json"), status
+
+
+def install_json_errors(app: Flask) -> None:
+    """Make every error JSON, cap bodies at 1 MiB, and log (not leak) unexpected bugs."""
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    @app.errorhandler(ApiFailure)
+    def _api_failure(exc: ApiFailure) -> Any:
+        return error(exc.status, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Any:
+        code = exc.code or 500
+        if code == 413:
+            return error(413, f"request body too large: the limit is {MAX_BODY_BYTES} bytes")
+        if code == 404:
+            return error(404, f"no such endpoint: {request.method} {request.path}")
+        if code == 405:
+            return error(405, f"method {request.method} not allowed on {request.path}")
+        return error(code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal server error (this is a bug; the log has details)")

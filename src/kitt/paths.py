@@ -1,0 +1,116 @@
+"""Where KITT keeps its files (ARCHITECTURE.md §3).
+
+Everything hangs off ``KITT_HOME`` (default ``~/.kitt``) so that several agents, or a
+server and an agent, can share a host and tests never touch a real home.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kitt.errors import HomeNotWritableError
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def kitt_home() -> Path:
+    env = os.environ.get("KITT_HOME")
+    return Path(env).expanduser().absolute() if env else Path.home() / ".kitt"
+
+
+@dataclass(frozen=True)
+class AgentPaths:
+    home: Path
+
+    @property
+    def config(self) -> Path:
+        return self.home / "agent.yaml"
+
+    @property
+    def pid(self) -> Path:
+        return self.home / "agent.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.home / "agent.log"
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def certs(self) -> Path:
+        return self.home / "certs"
+
+
+@dataclass(frozen=True)
+class ServerPaths:
+    data_dir: Path
+
+    @classmethod
+    def default(cls) -> ServerPaths:
+        return cls(kitt_home() / "server")
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "kitt.db"
+
+    @property
+    def pid(self) -> Path:
+        return self.data_dir / "server.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.data_dir / "server.log"
+
+    @property
+    def endpoint(self) -> Path:
+        """Written on start so local CLI commands find the server without flags."""
+        return self.data_dir / "endpoint.json"
+
+    @property
+    def certs(self) -> Path:
+        return self.data_dir / "certs"
+
+
+def agent_paths() -> AgentPaths:
+    return AgentPaths(kitt_home())
+
+
+def ensure_dir(path: Path, mode: int = 0o755) -> Path:
+    """Create ``path`` (and parents) or say exactly which folder cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        raise HomeNotWritableError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise HomeNotWritableError(f"{path} is not writable by this user")
+    return path
+
+
+def write_private(path: Path, data: str | bytes, mode: int = PRIVATE_FILE) -> None:
+    """Write a file atomically with ``mode`` from its first byte.
+
+    The temp file is created 0600 in the same folder and renamed over the target, so a
+    reader sees the old or the new content, never a half-written or world-readable file.
+    """
+    ensure_dir(path.parent, PRIVATE_DIR)
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise HomeNotWritableError(f"cannot write in {path.parent}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,271 @@
+"""Daemon life cycle shared by the agent and the server: pid file, background start, stop.
+
+The pid file is *locked* (``flock``) by the running daemon for its whole life, so
+"is it running?" never depends on guessing whether a recycled PID is still ours: a pid
+file nobody holds a lock on is stale, whatever PID it names.
+
+Backgrounding is a re-exec of the same command with ``--foreground`` in a new session,
+plus a readiness pipe: the parent returns only when the child says it is listening, or
+prints the child's own reason for failing. The same ready signal goes to systemd
+(``sd_notify``) when the daemon runs under a ``Type=notify`` unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from kitt.errors import (
+    AlreadyRunningError,
+    DaemonStartError,
+    HomeNotWritableError,
+    KittError,
+    NotRunningError,
+)
+from kitt.paths import ensure_dir
+
+log = logging.getLogger(__name__)
+
+READY_FD_ENV = "KITT_READY_FD"
+
+
+class PidFile:
+    """An exclusively locked pid file, held for the daemon's lifetime."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        ensure_dir(self.path.parent)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise HomeNotWritableError(f"cannot write {self.path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = _read_pid(self.path)
+            os.close(fd)
+            raise AlreadyRunningError(
+                f"the {self.what} is already running (pid {other}, pid file {self.path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if _read_pid(self.path) == os.getpid():
+                self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class PidState:
+    state: Literal["running", "stale", "missing"]
+    pid: int | None
+
+
+def pid_state(path: Path) -> PidState:
+    """Whether a daemon holds ``path``; a file nobody has locked is ``stale``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return PidState("missing", None)
+    except OSError:
+        return PidState("stale", _read_pid(path))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return PidState("running", _read_pid(path))
+    finally:
+        os.close(fd)
+    return PidState("stale", _read_pid(path))
+
+
+def stop_daemon(path: Path, what: str, timeout: float) -> int:
+    """SIGTERM the daemon holding ``path`` and wait for it to let go. Returns its PID."""
+    st = pid_state(path)
+    if st.state == "missing":
+        raise NotRunningError(f"the {what} is not running (no pid file at {path})")
+    if st.state == "stale" or st.pid is None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise NotRunningError(
+            f"the {what} is not running (removed a stale pid file naming pid {st.pid})"
+        )
+    try:
+        os.kill(st.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise NotRunningError(f"the {what} is not running (pid {st.pid} is gone)") from None
+    except PermissionError:
+        raise KittError(
+            f"not allowed to signal the {what} (pid {st.pid}); it runs as another user"
+        ) from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid_state(path).state != "running":
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return st.pid
+        time.sleep(0.05)
+    raise KittError(
+        f"the {what} (pid {st.pid}) did not exit within {timeout:g} s; it is still running"
+    )
+
+
+def spawn_background(argv: Sequence[str], output: Path, ready_timeout: float) -> int:
+    """Start ``argv`` detached and wait for its readiness message. Returns the child's PID."""
+    ensure_dir(output.parent)
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, **{READY_FD_ENV: str(write_fd)})
+    try:
+        out = open(output, "ab")  # noqa: SIM115 - handed to the child, closed below
+    except OSError as exc:
+        raise HomeNotWritableError(f"cannot write {output}: {exc.strerror}") from exc
+    os.chmod(output, 0o600)
+    with out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            pass_fds=(write_fd,),
+            env=env,
+        )
+    os.close(write_fd)
+    try:
+        message = _read_ready(read_fd, ready_timeout)
+    finally:
+        os.close(read_fd)
+    if message == "ready":
+        return proc.pid
+    if message.startswith("error:"):
+        _reap(proc)
+        raise DaemonStartError(message.removeprefix("error:").strip())
+    code = _reap(proc)
+    if code is None:
+        raise DaemonStartError(
+            f"not ready after {ready_timeout:g} s (pid {proc.pid} still starting); see {output}"
+        )
+    raise DaemonStartError(f"exited with status {code} before it was ready; see {output}")
+
+
+def _read_ready(fd: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return ""
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            return ""
+        data = os.read(fd, 4096)
+        if not data:
+            return b"".join(chunks).decode(errors="replace").strip()
+        chunks.append(data)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> int | None:
+    try:
+        return proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def notify_ready(error: str | None = None) -> None:
+    """Tell whoever started us (``spawn_background`` or systemd) that we are up or why not."""
+    fd_text = os.environ.pop(READY_FD_ENV, None)
+    if fd_text:
+        with contextlib.suppress(OSError, ValueError):
+            fd = int(fd_text)
+            os.write(fd, (f"error: {error}" if error else "ready").encode())
+            os.close(fd)
+    if error is None:
+        _sd_notify(b"READY=1")
+
+
+def _sd_notify(message: bytes) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message)
+
+
+class Service(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(service: Service, pidfile: PidFile) -> None:
+    """Run a daemon in the foreground: lock the pid file, start, wait for SIGTERM/SIGINT.
+
+    Any failure before ready is reported through :func:`notify_ready` and re-raised, so
+    ``kitt … start`` prints the daemon's own reason instead of "it died".
+    """
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    try:
+        pidfile.acquire()
+    except KittError as exc:
+        notify_ready(str(exc))
+        raise
+    try:
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            service.start()
+        except Exception as exc:
+            notify_ready(str(exc))
+            raise
+        notify_ready()
+        while not stop.wait(1.0):
+            pass
+        _sd_notify(b"STOPPING=1")
+        service.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    finally:
+        pidfile.release()
+
+
+def foreground_argv(module_args: Sequence[str]) -> list[str]:
+    """The command that re-runs this installation of KITT with ``module_args``."""
+    return [sys.executable, "-m", "kitt", *module_args]

@@ -1,0 +1,180 @@
+"""Wire models for protocol v1 (ARCHITECTURE.md §4).
+
+This module is the only place a payload shape is defined; the server, the agent and
+the fleet client all import from here. Inbound models ignore unknown fields so that a
+newer agent can talk to an older server (and the reverse) without a lockstep upgrade.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_BODY_BYTES = 1024 * 1024
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+ID_RE = re.compile(ID_PATTERN)
+DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+MISSED_HEARTBEATS_OFFLINE = 3
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+# Agent names become certificate CNs and unit names later: keep them to the id alphabet
+# plus dots so that a hostname such as "gpu-01.lab" is accepted as is.
+AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+AgentRunState = Literal["idle", "running", "error"]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class Health(WireModel):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ErrorBody(WireModel):
+    error: str
+
+
+class GpuStatic(WireModel):
+    index: int = Field(ge=0)
+    name: ShortText
+    uuid: ShortText | None = None
+    memory_total_gb: float | None = Field(default=None, ge=0)
+
+
+class Hardware(WireModel):
+    """Facts that do not change while the agent runs; sent at registration."""
+
+    cpu_model: ShortText | None = None
+    cpu_cores: int | None = Field(default=None, ge=0)
+    ram_gb: float | None = Field(default=None, ge=0)
+    os: ShortText | None = None
+    python: ShortText | None = None
+    gpu_driver_version: ShortText | None = None
+    cuda_version: ShortText | None = None
+    gpus: list[GpuStatic] = Field(default_factory=list, max_length=64)
+
+
+class RegisterRequest(WireModel):
+    name: AgentName
+    hostname: ShortText
+    port: int = Field(ge=1, le=65535)
+    kitt_version: ShortText
+    gpu_info: ShortText | None = None
+    gpu_count: int = Field(default=0, ge=0, le=64)
+    cpu_info: ShortText | None = None
+    ram_gb: float | None = Field(default=None, ge=0)
+    hardware: Hardware = Field(default_factory=Hardware)
+    capabilities: list[ShortText] = Field(default_factory=list, max_length=256)
+
+
+class RegisterResponse(WireModel):
+    agent_id: Id
+    heartbeat_interval_s: float
+    token: str | None = None
+
+
+class GpuSample(WireModel):
+    index: int = Field(ge=0)
+    name: ShortText | None = None
+    utilization_pct: float | None = Field(default=None, ge=0, le=100)
+    memory_used_gb: float | None = Field(default=None, ge=0)
+    memory_total_gb: float | None = Field(default=None, ge=0)
+    temperature_c: float | None = None
+    power_w: float | None = Field(default=None, ge=0)
+
+
+class Heartbeat(WireModel):
+    status: AgentRunState
+    current_task: ShortText | None = None
+    gpu_utilization_pct: float | None = Field(default=None, ge=0, le=100)
+    gpu_memory_used_gb: float | None = Field(default=None, ge=0)
+    uptime_s: float = Field(ge=0)
+    gpus: list[GpuSample] = Field(default_factory=list, max_length=64)
+    cpu_percent: float | None = Field(default=None, ge=0)
+    ram_used_gb: float | None = Field(default=None, ge=0)
+    kitt_version: ShortText | None = None
+
+
+class HeartbeatResponse(WireModel):
+    ack: bool = True
+    heartbeat_interval_s: float
+    commands: list[dict[str, Any]] = Field(default_factory=list)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentStatusReport(WireModel):
+    """The agent's own ``GET /api/status``: no secrets, safe to serve unauthenticated."""
+
+    name: str
+    agent_id: str | None
+    status: AgentRunState
+    running: bool
+    current_task: str | None
+    uptime_s: float
+    version: str
+    server_url: str
+    registered: bool
+    last_heartbeat_ok: datetime | None
+    last_error: str | None = None
+    pid: int
+
+
+FleetState = Literal["offline", "idle", "running", "error"]
+
+
+class AgentSummary(WireModel):
+    id: str
+    name: str
+    hostname: str
+    address: str | None
+    port: int
+    state: FleetState
+    online: bool
+    status: AgentRunState
+    current_task: str | None
+    kitt_version: str
+    gpu_info: str | None
+    gpu_count: int
+    gpu_utilization_pct: float | None
+    gpu_memory_used_gb: float | None
+    registered_at: datetime
+    last_seen_at: datetime | None
+
+
+class AgentDetail(AgentSummary):
+    cpu_info: str | None
+    ram_gb: float | None
+    hardware: Hardware
+    capabilities: list[str]
+    uptime_s: float | None
+    cpu_percent: float | None
+    ram_used_gb: float | None
+    gpus: list[GpuSample]
+
+
+class HeartbeatRecord(WireModel):
+    ts: datetime
+    status: AgentRunState
+    current_task: str | None
+    uptime_s: float
+    gpu_utilization_pct: float | None
+    gpu_memory_used_gb: float | None
+    cpu_percent: float | None
+    ram_used_gb: float | None
+    gpus: list[GpuSample]
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming every bad field, e.g. ``gpus.0.index: Input should be a valid integer``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)

@@ -1,0 +1,1 @@
+"""The control plane: REST API, storage, and the background reaper."""

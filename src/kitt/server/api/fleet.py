@@ -1,0 +1,121 @@
+"""Endpoints users call about the fleet: list, show, heartbeat history, remove."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from kitt.jsonapi import ApiFailure, dump
+from kitt.protocol import AgentDetail, AgentSummary, GpuSample, Hardware, HeartbeatRecord
+from kitt.server.store.agents import AgentStore
+from kitt.server.store.models import Agent
+
+bp = Blueprint("fleet", __name__, url_prefix="/api/v1/agents")
+
+MAX_HISTORY = 10_000
+
+
+def _store() -> AgentStore:
+    return current_app.extensions["kitt.agents"]  # type: ignore[no-any-return]
+
+
+def summary_fields(agent: Agent) -> dict[str, Any]:
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "hostname": agent.hostname,
+        "address": agent.address,
+        "port": agent.port,
+        "state": agent.status if agent.online else "offline",
+        "online": agent.online,
+        "status": agent.status,
+        "current_task": agent.current_task,
+        "kitt_version": agent.kitt_version,
+        "gpu_info": agent.gpu_info,
+        "gpu_count": agent.gpu_count,
+        "gpu_utilization_pct": agent.gpu_utilization_pct,
+        "gpu_memory_used_gb": agent.gpu_memory_used_gb,
+        "registered_at": agent.registered_at,
+        "last_seen_at": agent.last_seen_at,
+    }
+
+
+def _get(id_or_name: str) -> Agent:
+    agent = _store().find(id_or_name)
+    if agent is None:
+        raise ApiFailure(404, f"no agent with id or name {id_or_name[:80]!r}")
+    return agent
+
+
+@bp.get("")
+def list_agents() -> Response:
+    agents = [
+        AgentSummary(**summary_fields(a)).model_dump(mode="json") for a in _store().list_agents()
+    ]
+    return jsonify(agents=agents)
+
+
+@bp.get("/<id_or_name>")
+def show(id_or_name: str) -> Any:
+    agent = _get(id_or_name)
+    return dump(
+        AgentDetail(
+            **summary_fields(agent),
+            cpu_info=agent.cpu_info,
+            ram_gb=agent.ram_gb,
+            hardware=Hardware.model_validate(agent.hardware),
+            capabilities=agent.capabilities,
+            uptime_s=agent.uptime_s,
+            cpu_percent=agent.cpu_percent,
+            ram_used_gb=agent.ram_used_gb,
+            gpus=[GpuSample.model_validate(g) for g in agent.gpus],
+        )
+    )
+
+
+@bp.get("/<id_or_name>/heartbeats")
+def history(id_or_name: str) -> Response:
+    agent = _get(id_or_name)
+    since_text = request.args.get("since")
+    since = None
+    if since_text:
+        try:
+            since = datetime.fromisoformat(since_text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ApiFailure(
+                400, f"'since' must be an ISO 8601 time, got {since_text[:40]!r}"
+            ) from None
+        if since.tzinfo is None:
+            raise ApiFailure(400, "'since' must carry a time zone (e.g. 2026-11-27T09:00:00Z)")
+    try:
+        limit = int(request.args.get("limit", "1000"))
+    except ValueError:
+        raise ApiFailure(400, "'limit' must be an integer") from None
+    if not 1 <= limit <= MAX_HISTORY:
+        raise ApiFailure(400, f"'limit' must be between 1 and {MAX_HISTORY}")
+    rows = _store().heartbeats(agent.id, since, limit)
+    records = [
+        HeartbeatRecord(
+            ts=r.ts,
+            status=r.status,  # type: ignore[arg-type]
+            current_task=r.current_task,
+            uptime_s=r.uptime_s,
+            gpu_utilization_pct=r.gpu_utilization_pct,
+            gpu_memory_used_gb=r.gpu_memory_used_gb,
+            cpu_percent=r.cpu_percent,
+            ram_used_gb=r.ram_used_gb,
+            gpus=[GpuSample.model_validate(g) for g in r.gpus],
+        ).model_dump(mode="json")
+        for r in rows
+    ]
+    return jsonify(agent_id=agent.id, heartbeats=records)
+
+
+@bp.delete("/<id_or_name>")
+def remove(id_or_name: str) -> Any:
+    agent = _get(id_or_name)
+    _store().delete(agent.id)
+    current_app.logger.info("agent %s (id %s) removed", agent.name, agent.id)
+    return jsonify(deleted=agent.id, name=agent.name), 200

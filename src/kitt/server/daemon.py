@@ -1,0 +1,97 @@
+"""The server daemon: database, HTTP listener and reaper, started and stopped as one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from kitt import __version__
+from kitt.errors import KittError
+from kitt.http import WsgiServer
+from kitt.paths import ensure_dir, write_private
+from kitt.server.app import create_app
+from kitt.server.reaper import Reaper
+from kitt.server.settings import ServerSettings
+from kitt.server.store.agents import AgentStore
+from kitt.server.store.db import make_engine, migrate, sqlite_url
+
+log = logging.getLogger(__name__)
+
+
+def database_url(settings: ServerSettings) -> str:
+    return settings.database_url or sqlite_url(settings.paths.database)
+
+
+def open_database(settings: ServerSettings) -> Engine:
+    ensure_dir(settings.paths.data_dir, 0o700)
+    try:
+        engine = make_engine(database_url(settings))
+    except OSError as exc:
+        raise KittError(f"cannot open the database: {exc}") from exc
+    migrate(engine)
+    return engine
+
+
+class ServerDaemon:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._engine: Engine | None = None
+        self._http: WsgiServer | None = None
+        self._reaper: Reaper | None = None
+
+    def start(self) -> None:
+        self._engine = open_database(self.settings)
+        store = AgentStore(self._engine)
+        self._http = WsgiServer(
+            create_app(self.settings, store),
+            self.settings.host,
+            self.settings.port,
+            numthreads=self.settings.numthreads,
+            name="kitt-server",
+        )
+        self._http.start()
+        self._reaper = Reaper(store, self.settings)
+        self._reaper.start()
+        url = f"http://{_url_host(self.settings.host)}:{self._http.bound_port}"
+        write_private(
+            self.settings.paths.endpoint,
+            json.dumps({"url": url, "pid": os.getpid(), "version": __version__}),
+        )
+        log.info(
+            "kitt server %s listening on %s (database %s, heartbeat %g s, offline after %g s)",
+            __version__,
+            url,
+            self._engine.url.render_as_string(hide_password=True),
+            self.settings.heartbeat_interval_s,
+            self.settings.offline_after_s,
+        )
+        if self.settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "listening on %s without TLS or authentication: anyone who can reach this "
+                "port can register agents and read the fleet",
+                self.settings.host,
+            )
+
+    def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.stop()
+            self._reaper.join(timeout=5)
+        if self._http is not None:
+            self._http.stop()
+        if self._engine is not None:
+            self._engine.dispose()
+        Path(self.settings.paths.endpoint).unlink(missing_ok=True)
+        log.info("server stopped")
+
+
+def _url_host(host: str) -> str:
+    """The address a local client should use to reach a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,56 @@
+"""Background housekeeping: mark silent agents offline, prune old heartbeat history.
+
+Offline is decided here on a clock, not computed when someone lists agents, so the
+stored state (and everything that reads it later: dispatch, metrics, the dashboard)
+agrees with what a user sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+from kitt.server.settings import ServerSettings
+from kitt.server.store.agents import AgentStore
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 300.0
+
+
+class Reaper(threading.Thread):
+    def __init__(self, store: AgentStore, settings: ServerSettings) -> None:
+        super().__init__(name="reaper", daemon=True)
+        self._store = store
+        self._settings = settings
+        self._stop_event = threading.Event()
+        # Check often enough that "offline after 3 intervals" is late by at most half an
+        # interval, but never spin faster than twice a second.
+        self.period_s = max(0.5, min(settings.heartbeat_interval_s / 2, 15.0))
+        self._last_prune = 0.0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("reaper pass failed; retrying next period")
+
+    def tick(self) -> None:
+        now = datetime.now(timezone.utc)
+        cutoff = now - timedelta(seconds=self._settings.offline_after_s)
+        for name in self._store.mark_offline(cutoff):
+            log.warning(
+                "agent %s is offline (no heartbeat for %g s)", name, self._settings.offline_after_s
+            )
+        if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = time.monotonic()
+            horizon = now - timedelta(seconds=self._settings.heartbeat_retention_s)
+            pruned = self._store.prune_heartbeats(horizon)
+            if pruned:
+                log.info("pruned %d heartbeat samples older than %s", pruned, horizon.isoformat())

@@ -1,0 +1,25 @@
+"""Server settings, from ``kitt server start`` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kitt.paths import ServerPaths
+from kitt.protocol import DEFAULT_HEARTBEAT_INTERVAL_S, MISSED_HEARTBEATS_OFFLINE
+
+DEFAULT_SERVER_PORT = 8080
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    paths: ServerPaths
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_SERVER_PORT
+    database_url: str | None = None
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    heartbeat_retention_s: float = 7 * 24 * 3600.0
+    numthreads: int = 64
+
+    @property
+    def offline_after_s(self) -> float:
+        return MISSED_HEARTBEATS_OFFLINE * self.heartbeat_interval_s

@@ -1,0 +1,79 @@
+"""Tables. Schema changes go through an Alembic revision in ``migrations/versions``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite (no tz) and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    hostname: Mapped[str] = mapped_column(String(256))
+    address: Mapped[str | None] = mapped_column(String(64))
+    port: Mapped[int] = mapped_column(Integer)
+    kitt_version: Mapped[str] = mapped_column(String(64))
+    gpu_info: Mapped[str | None] = mapped_column(String(256))
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_info: Mapped[str | None] = mapped_column(String(256))
+    ram_gb: Mapped[float | None] = mapped_column(Float)
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    capabilities: Mapped[list[str]] = mapped_column(JSON, default=list)
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Live state, overwritten by every heartbeat.
+    online: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(16), default="idle")
+    current_task: Mapped[str | None] = mapped_column(String(256))
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    uptime_s: Mapped[float | None] = mapped_column(Float)
+    gpu_utilization_pct: Mapped[float | None] = mapped_column(Float)
+    gpu_memory_used_gb: Mapped[float | None] = mapped_column(Float)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    ram_used_gb: Mapped[float | None] = mapped_column(Float)
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class HeartbeatSample(Base):
+    """Heartbeat history, pruned by the reaper after the retention period."""
+
+    __tablename__ = "heartbeats"
+    __table_args__ = (Index("ix_heartbeats_agent_ts", "agent_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id", ondelete="CASCADE"))
+    ts: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    current_task: Mapped[str | None] = mapped_column(String(256))
+    uptime_s: Mapped[float] = mapped_column(Float)
+    gpu_utilization_pct: Mapped[float | None] = mapped_column(Float)
+    gpu_memory_used_gb: Mapped[float | None] = mapped_column(Float)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    ram_used_gb: Mapped[float | None] = mapped_column(Float)
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
