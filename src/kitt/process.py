@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+import psutil
+
 from kitt.errors import (
     AlreadyRunningError,
     DaemonStartError,
@@ -132,14 +134,24 @@ def stop_daemon(path: Path, what: str, timeout: float) -> int:
         ) from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pid_state(path).state != "running":
+        # Done when the process is gone, not merely when it let go of the pid file: a
+        # caller that starts a new daemon right after must find the port free.
+        if not _alive(st.pid):
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                if pid_state(path).state != "running":
+                    path.unlink()
             return st.pid
         time.sleep(0.05)
     raise KittError(
         f"the {what} (pid {st.pid}) did not exit within {timeout:g} s; it is still running"
     )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def spawn_background(argv: Sequence[str], output: Path, ready_timeout: float) -> int:

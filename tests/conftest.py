@@ -1,0 +1,171 @@
+"""Fixtures that run the real ``kitt`` command line as processes on 127.0.0.1.
+
+Nothing KITT owns is mocked: each test gets its own KITT_HOME, free ports, a real
+SQLite file, and talks to the daemons with real HTTP clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], T], timeout: float = 20.0, what: str = "condition", interval: float = 0.05
+) -> T:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}; last value: {last!r}")
+
+
+@dataclass
+class Kitt:
+    """A sandbox: one KITT_HOME, and the environment every kitt process of the test gets."""
+
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+    server_port: int = 0
+    agent_port: int = 0
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://127.0.0.1:{self.agent_port}"
+
+    def run(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kitt", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            pytest.fail(f"kitt {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kitt", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.children.append(proc)
+        return proc
+
+    def start_server(self, *extra: str, interval: str = "0.5") -> None:
+        self.run(
+            "server", "start", "--port", str(self.server_port), "--heartbeat-interval", interval,
+            *extra, check=True,
+        )  # fmt: skip
+
+    def init_agent(self, name: str = "gpu-01", *extra: str) -> None:
+        self.run(
+            "agent", "init", "--server", self.server_url, "--name", name,
+            "--port", str(self.agent_port), "--bind", "127.0.0.1", *extra, check=True,
+        )  # fmt: skip
+        # Short retry cap so recovery tests do not wait a minute between attempts.
+        cfg = self.home / "agent.yaml"
+        cfg.write_text(cfg.read_text() + "backoff_max_s: 1\n")
+
+    def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(method, self.server_url + path, timeout=10, **kw)
+
+    def agents(self) -> list[dict[str, Any]]:
+        body = self.api("GET", "/api/v1/agents").json()
+        return body["agents"]  # type: ignore[no-any-return]
+
+    def agent(self, name: str) -> dict[str, Any]:
+        response = self.api("GET", f"/api/v1/agents/{name}")
+        return response.json() if response.status_code == 200 else {}  # type: ignore[no-any-return]
+
+    def heartbeats(self, name: str, limit: int = 1000) -> list[dict[str, Any]]:
+        response = self.api("GET", f"/api/v1/agents/{name}/heartbeats", params={"limit": limit})
+        return response.json()["heartbeats"] if response.status_code == 200 else []  # type: ignore[no-any-return]
+
+    def agent_status(self) -> dict[str, Any]:
+        return httpx.get(self.agent_url + "/api/status", timeout=5).json()  # type: ignore[no-any-return]
+
+    def fake_gpus(self, gpus: list[dict[str, Any]] | None, **state: Any) -> Path:
+        path = self.home / "fake-nvml.json"
+        body = {"gpus": gpus or [], **state} if gpus is not None else {"fail_init": "no library"}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body))
+        tmp.replace(path)
+        self.env["KITT_FAKE_NVML"] = str(path)
+        return path
+
+    def pid_of(self, what: str) -> int | None:
+        path = self.home / ("agent.pid" if what == "agent" else "server/server.pid")
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def cleanup(self) -> None:
+        for what in ("agent", "server"):
+            pid = self.pid_of(what)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def kitt(tmp_path: Path) -> Iterator[Kitt]:
+    home = tmp_path / "kitt-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KITT_")}
+    # The stand-in NVML goes first on the path; with no KITT_FAKE_NVML it behaves like a
+    # GPU-less host, so the test never depends on whether this machine has a GPU.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(FAKE_NVML_DIR), str(Path(__file__).parent.parent / "src"), env.get("PYTHONPATH", "")]
+    )
+    env["KITT_HOME"] = str(home)
+    env["NO_COLOR"] = "1"
+    env["COLUMNS"] = "200"
+    sandbox = Kitt(home=home, env=env, server_port=free_port(), agent_port=free_port())
+    yield sandbox
+    sandbox.cleanup()
