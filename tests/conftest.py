@@ -125,7 +125,7 @@ class Kitt:
         return httpx.get(self.agent_url + "/api/status", timeout=5).json()  # type: ignore[no-any-return]
 
     def fake_gpus(self, gpus: list[dict[str, Any]] | None, **state: Any) -> Path:
-        path = self.home / "fake-nvml.json"
+        path = self.home.parent / "fake-nvml.json"
         body = {"gpus": gpus or [], **state} if gpus is not None else {"fail_init": "no library"}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(body))

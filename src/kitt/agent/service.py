@@ -165,7 +165,7 @@ def _check_value(value: str, what: str) -> None:
 
 
 def systemd_quote(word: str, *, expand_dollar: bool = True) -> str:
-    """Quote one argument for ExecStart= (or, with ``expand_dollar=False``, Environment=).
+    """Quote one word for ExecStart= arguments (``expand_dollar=False``: Environment=).
 
     systemd expands ``%`` specifiers everywhere and ``$VAR`` in ExecStart, so both are
     doubled; spaces, quotes and backslashes go inside a C-escaped double-quoted string.
@@ -179,6 +179,18 @@ def systemd_quote(word: str, *, expand_dollar: bool = True) -> str:
     if escaped and _PLAIN_WORD.fullmatch(escaped):
         return escaped
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _executable_word(path: str) -> str:
+    """Quote the program of an Exec line. Unlike its arguments, it is not ``$``-expanded,
+    and systemd rejects quotes and backslashes in it outright, so those are refused here
+    with the real reason rather than by a unit that fails to load."""
+    if any(c in path for c in "\"'\\"):
+        raise ServiceError(
+            f"cannot run {path!r} from a systemd unit: systemd refuses quotes and "
+            "backslashes in a program path; install KITT in a plainer path"
+        )
+    return systemd_quote(path, expand_dollar=False)
 
 
 def _path_value(path: Path, what: str) -> str:
@@ -239,7 +251,7 @@ def render_unit(
         if not p.is_absolute():
             raise ServiceError(f"{what} {p} must be absolute in a systemd unit")
     argv = [*command, "start", "--foreground", "--config", str(config)]
-    exec_start = " ".join(systemd_quote(w) for w in argv)
+    exec_start = " ".join([_executable_word(argv[0]), *(systemd_quote(w) for w in argv[1:])])
     env_lines = "".join(
         f"Environment={systemd_quote(f'{k}={v}', expand_dollar=False)}\n"
         for k, v in (("HOME", str(user.home)), ("KITT_HOME", str(home)))
@@ -247,7 +259,7 @@ def render_unit(
     docs = " ".join(d.replace("%", "%%") for d in documentation)
     pre = ""
     if nvidia_modprobe:
-        pre = _MODPROBE_NOTE + f"ExecStartPre=-+{systemd_quote(nvidia_modprobe)} -u -c=0\n"
+        pre = _MODPROBE_NOTE + f"ExecStartPre=-+{_executable_word(nvidia_modprobe)} -u -c=0\n"
     return (
         f"# Written by `kitt-agent service install` (KITT {__version__}).\n"
         "# Re-run the install to change it: edits here are overwritten.\n"
