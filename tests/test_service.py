@@ -68,7 +68,9 @@ exec "$@"
 # --- helpers ---------------------------------------------------------------------------
 
 
-def cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kitt", "agent", "service", *args],
         env=env,
@@ -84,8 +86,8 @@ def parse_unit(text: str) -> dict[str, list[str]]:
     """Directive → values, ignoring comments and section headers (keys are unique
     across our unit's sections)."""
     out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith(("#", ";", "[")):
             continue
         key, _, value = line.partition("=")
@@ -245,9 +247,7 @@ def verify(analyze: str, unit: Path) -> None:
     assert r.stderr == "", r.stderr
 
 
-def test_generated_unit_passes_systemd_analyze_verify(
-    tmp_path: Path, env: dict[str, str]
-) -> None:
+def test_generated_unit_passes_systemd_analyze_verify(tmp_path: Path, env: dict[str, str]) -> None:
     analyze = systemd_analyze()
     r = cli("install", "--print", env=env)
     assert r.returncode == 0, r.stderr
@@ -419,7 +419,9 @@ def test_uninstall_of_a_unit_systemd_never_loaded(fake: FakeSystemd) -> None:
     e = {
         **fake.env,
         "FAKE_SYSTEMCTL_FAIL": "disable",
-        "FAKE_SYSTEMCTL_STDERR": "Failed to stop kitt-agent.service: Unit kitt-agent.service not loaded.",
+        "FAKE_SYSTEMCTL_STDERR": (
+            "Failed to stop kitt-agent.service: Unit kitt-agent.service not loaded."
+        ),
         "FAKE_SYSTEMCTL_RC": "5",
     }
     r = cli("uninstall", env=e)
@@ -529,3 +531,43 @@ def test_program_path_with_quotes_is_refused(tmp_path: Path) -> None:
             user=me,
             home=tmp_path,
         )
+
+
+def test_non_root_changes_go_through_sudo(
+    fake: FakeSystemd, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suite runs as one user (root here), so the sudo branch is driven in-process
+    with a non-root euid; the stand-in sudo runs its command as whoever we are."""
+    from kitt.agent.service import install_service, uninstall_service
+
+    nobody = next((p for p in pwd.getpwall() if p.pw_uid != 0), None)
+    if nobody is None:
+        pytest.skip("no non-root account in the user database")
+    for key, value in fake.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "geteuid", lambda: nobody.pw_uid)
+    said: list[str] = []
+
+    install_service(said.append)
+    unit = fake.units / "kitt-agent.service"
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o644
+    assert parse_unit(unit.read_text())["User"] == [nobody.pw_name]
+    systemctl = str(fake.bin / "systemctl")
+    sudo = log_lines(fake.sudo_log)
+    assert sudo[0].startswith("install -m 0644 -- ")
+    assert sudo[0].endswith(f" {unit}")
+    assert sudo[1:] == [
+        f"{systemctl} daemon-reload",
+        f"{systemctl} enable --now kitt-agent.service",
+    ]
+    # the query needs no privileges, so it does not go through sudo
+    assert fake.calls == ["is-system-running", "daemon-reload", "enable --now kitt-agent.service"]
+
+    fake.reset()
+    uninstall_service(said.append)
+    assert not unit.exists()
+    assert log_lines(fake.sudo_log) == [
+        f"{systemctl} disable --now kitt-agent.service",
+        f"rm -f -- {unit}",
+        f"{systemctl} daemon-reload",
+    ]

@@ -21,7 +21,6 @@ from cheroot import wsgi
 
 from kitt import __version__
 from kitt.errors import DaemonStartError
-from kitt.protocol import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,9 @@ class WsgiServer:
             accepted_queue_size=-1,
         )
         self._server.keep_alive_conn_limit = 20_000
-        self._server.max_request_body_size = MAX_BODY_BYTES + 64 * 1024
+        # Flask enforces the 1 MiB body limit (MAX_CONTENT_LENGTH, chunked bodies too) and
+        # answers in JSON; cheroot's own limit would answer first, in plain text.
+        self._server.max_request_body_size = 0
         setattr(self._server, "error_log", self._error_log)  # noqa: B010 - cheroot's hook
         self._thread: threading.Thread | None = None
 

@@ -33,16 +33,33 @@ def error(status: int, message: str) -> tuple[Response, int]:
     return jsonify(error=message), status
 
 
+def read_body() -> bytes:
+    """The raw body, at most 1 MiB, for sized and chunked requests alike.
+
+    Flask rejects an oversized Content-Length itself, but for a chunked body werkzeug
+    only truncates at the limit, which would surface as a baffling "invalid JSON".
+    """
+    too_large = ApiFailure(413, f"request body too large: the limit is {MAX_BODY_BYTES} bytes")
+    if request.content_length is not None:
+        if request.content_length > MAX_BODY_BYTES:
+            raise too_large
+        return request.get_data(cache=True)
+    raw: bytes = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise too_large
+    return raw
+
+
 def parse_body(model: type[M]) -> M:
-    """Validate the request body against ``model`` or raise a 400 naming the bad fields."""
-    data = request.get_json(force=True, silent=True)
-    if data is None:
-        raise ApiFailure(400, "request body must be valid JSON")
-    if not isinstance(data, dict):
-        raise ApiFailure(400, "request body must be a JSON object")
+    """Validate the body against ``model`` (one parse, in pydantic) or raise a clear 400."""
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(read_body())
     except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiFailure(400, "request body must be valid JSON") from exc
+        if first["type"] == "model_type" and not first["loc"]:
+            raise ApiFailure(400, "request body must be a JSON object") from exc
         raise ApiFailure(400, describe_validation_error(exc)) from exc
 
 

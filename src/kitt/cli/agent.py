@@ -42,7 +42,7 @@ def default_agent_name() -> str:
 )
 @click.option("--token", help="Bootstrap or agent token given by the server operator.")
 @click.option("--name", help="Agent name (default: this machine's short hostname).")
-@click.option("--port", type=int, help=f"Port the agent listens on (default {DEFAULT_AGENT_PORT}).")
+@click.option("--port", type=click.IntRange(1, 65535), help=f"Port the agent listens on (default {DEFAULT_AGENT_PORT}).")
 @click.option("--bind", help="Address the agent listens on (default 0.0.0.0).")
 @click.option(
     "--config", type=click.Path(dir_okay=False, path_type=Path), help="Config file to write."
