@@ -6,6 +6,7 @@ SQLite file, and talks to the daemons with real HTTP clients.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,7 +33,10 @@ def free_port() -> int:
 
 
 def wait_for(
-    condition: Callable[[], T], timeout: float = 20.0, what: str = "condition", interval: float = 0.05
+    condition: Callable[[], T],
+    timeout: float = 20.0,
+    what: str = "condition",
+    interval: float = 0.05,
 ) -> T:
     """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -67,9 +71,12 @@ class Kitt:
     def agent_url(self) -> str:
         return f"http://127.0.0.1:{self.agent_port}"
 
-    def run(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "kitt", *args],
+            check=False,
             env=self.env,
             capture_output=True,
             text=True,
@@ -77,7 +84,9 @@ class Kitt:
             stdin=subprocess.DEVNULL,
         )
         if check and proc.returncode != 0:
-            pytest.fail(f"kitt {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+            pytest.fail(
+                f"kitt {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def popen(self, *args: str) -> subprocess.Popen[bytes]:
@@ -144,10 +153,8 @@ class Kitt:
         for what in ("agent", "server"):
             pid = self.pid_of(what)
             if pid:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         for proc in self.children:
             if proc.poll() is None:
                 proc.kill()

@@ -80,9 +80,15 @@ def test_heartbeat_wrong_types_missing_fields_and_unknown_agent(server: Kitt) ->
     _assert_error(server.api("POST", url, json={**BEAT, "gpus": [{"index": 0, "utilization_pct": 250}]}),
                   400, "gpus.0.utilization_pct")  # fmt: skip
     _assert_error(server.api("POST", url, json={**BEAT, "gpus": "all"}), 400, "gpus")
-    _assert_error(server.api("POST", "/api/v1/agents/agt_nope/heartbeat", json=BEAT), 404, "register again")
-    _assert_error(server.api("POST", f"/api/v1/agents/{'a' * 65}/heartbeat", json=BEAT), 400, "agent id")
-    _assert_error(server.api("POST", "/api/v1/agents/bad.id!/heartbeat", json=BEAT), 400, "agent id")
+    _assert_error(
+        server.api("POST", "/api/v1/agents/agt_nope/heartbeat", json=BEAT), 404, "register again"
+    )
+    _assert_error(
+        server.api("POST", f"/api/v1/agents/{'a' * 65}/heartbeat", json=BEAT), 400, "agent id"
+    )
+    _assert_error(
+        server.api("POST", "/api/v1/agents/bad.id!/heartbeat", json=BEAT), 400, "agent id"
+    )
     assert server.heartbeats("probe") == []  # no rejected beat was stored
     assert server.api("POST", url, json=BEAT).status_code == 200
 
@@ -108,8 +114,12 @@ def test_fleet_endpoints_bad_input(server: Kitt) -> None:
     _registered(server)
     _assert_error(server.api("GET", "/api/v1/agents/nobody"), 404, "nobody")
     _assert_error(server.api("DELETE", "/api/v1/agents/nobody"), 404, "nobody")
-    _assert_error(server.api("GET", "/api/v1/agents/probe/heartbeats", params={"limit": "x"}), 400, "limit")
-    _assert_error(server.api("GET", "/api/v1/agents/probe/heartbeats", params={"limit": 0}), 400, "limit")
+    _assert_error(
+        server.api("GET", "/api/v1/agents/probe/heartbeats", params={"limit": "x"}), 400, "limit"
+    )
+    _assert_error(
+        server.api("GET", "/api/v1/agents/probe/heartbeats", params={"limit": 0}), 400, "limit"
+    )
     _assert_error(server.api("GET", "/api/v1/agents/probe/heartbeats", params={"since": "yesterday"}),
                   400, "since")  # fmt: skip
     _assert_error(server.api("GET", "/api/v1/agents/probe/heartbeats",
@@ -122,7 +132,9 @@ def test_fleet_endpoints_bad_input(server: Kitt) -> None:
 def test_delete_agent_removes_it_and_its_history(server: Kitt) -> None:
     agent_id = _registered(server)
     for _ in range(3):
-        assert server.api("POST", f"/api/v1/agents/{agent_id}/heartbeat", json=BEAT).status_code == 200
+        assert (
+            server.api("POST", f"/api/v1/agents/{agent_id}/heartbeat", json=BEAT).status_code == 200
+        )
     assert len(server.heartbeats("probe")) == 3
     result = server.run("agents", "remove", "probe", "--yes")
     assert result.returncode == 0 and agent_id in result.stdout
@@ -153,5 +165,5 @@ def test_agent_api_errors_are_json(kitt: Kitt) -> None:
     check(httpx.get(kitt.agent_url + "/api/nope"), 404)
     check(httpx.post(kitt.agent_url + "/api/status", json={}), 405)
     check(httpx.post(kitt.agent_url + "/api/status", content=TWO_MIB), 405)
-    status = wait_for(lambda: kitt.agent_status(), what="status after bad requests")
+    status = wait_for(kitt.agent_status, what="status after bad requests")
     assert status["name"] == "solo" and "token" not in json.dumps(status)

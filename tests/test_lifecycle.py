@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -34,19 +35,23 @@ def test_agent_lifecycle_end_to_end(kitt: Kitt) -> None:
     assert agent["status"] == "idle" and agent["online"] is True
     assert agent["port"] == kitt.agent_port and agent["address"] == "127.0.0.1"
 
-    beats = wait_for(lambda: len(kitt.heartbeats("gpu-01")) >= 3 and kitt.heartbeats("gpu-01"),
-                     what="three heartbeats")
+    beats = wait_for(
+        lambda: len(kitt.heartbeats("gpu-01")) >= 3 and kitt.heartbeats("gpu-01"),
+        what="three heartbeats",
+    )
     # uptime_s is the agent process's own uptime: it grows with wall time between
     # heartbeats and never exceeds the time since `kitt agent start` began.
     age_limit = time.time() - t_before_start
-    for earlier, later in zip(beats, beats[1:]):
-        wall = (datetime.fromisoformat(later["ts"]) - datetime.fromisoformat(earlier["ts"])).total_seconds()
+    for earlier, later in itertools.pairwise(beats):
+        wall = (
+            datetime.fromisoformat(later["ts"]) - datetime.fromisoformat(earlier["ts"])
+        ).total_seconds()
         assert abs((later["uptime_s"] - earlier["uptime_s"]) - wall) < 0.3
     assert 0 < beats[-1]["uptime_s"] <= age_limit
     # Heartbeats arrive at the server's interval (0.5 s ± jitter), not faster or slower.
     gaps = [
         (datetime.fromisoformat(b["ts"]) - datetime.fromisoformat(a["ts"])).total_seconds()
-        for a, b in zip(beats, beats[1:])
+        for a, b in itertools.pairwise(beats)
     ]
     assert all(0.35 < g < 1.0 for g in gaps), gaps
 
@@ -67,8 +72,11 @@ def test_agent_lifecycle_end_to_end(kitt: Kitt) -> None:
 
     # The reaper, not a list call, marks it offline: watch the stored state flip.
     last_seen = datetime.fromisoformat(kitt.agent("gpu-01")["last_seen_at"])
-    offline = wait_for(lambda: (a := kitt.agent("gpu-01")) and not a["online"] and a, timeout=10,
-                       what="agent marked offline")
+    offline = wait_for(
+        lambda: (a := kitt.agent("gpu-01")) and not a["online"] and a,
+        timeout=10,
+        what="agent marked offline",
+    )
     assert offline["state"] == "offline"
     flipped_after = (datetime.now(last_seen.tzinfo) - last_seen).total_seconds()
     assert flipped_after >= 1.5  # 3 intervals of 0.5 s
@@ -143,9 +151,12 @@ def test_version_and_kitt_agent_alias(kitt: Kitt) -> None:
     assert __version__ in out
     script = shutil.which("kitt-agent", path=os.path.dirname(sys.executable))
     assert script, "the kitt-agent console script is installed next to python"
-    via_alias = subprocess.run([script, "--help"], capture_output=True, text=True, env=kitt.env)
+    via_alias = subprocess.run(
+        [script, "--help"], check=False, capture_output=True, text=True, env=kitt.env
+    )
     via_kitt = kitt.run("agent", "--help")
     assert via_alias.returncode == 0
+
     def norm(text: str) -> str:
         return text.replace("kitt-agent", "X").replace("kitt agent", "X")
 

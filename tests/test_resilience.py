@@ -8,7 +8,9 @@ from conftest import Kitt, wait_for
 def test_agent_started_before_server_keeps_retrying_then_registers(kitt: Kitt) -> None:
     kitt.init_agent("early")
     kitt.run("agent", "start", check=True)  # no server yet: the start itself must succeed
-    status = wait_for(lambda: (s := kitt.agent_status())["last_error"] and s, what="a failed registration")
+    status = wait_for(
+        lambda: (s := kitt.agent_status())["last_error"] and s, what="a failed registration"
+    )
     assert status["registered"] is False and status["agent_id"] is None
     assert "cannot reach" in status["last_error"]
     cli = kitt.run("agent", "status")
@@ -35,7 +37,9 @@ def test_agent_recovers_from_server_outage_without_restart(kitt: Kitt) -> None:
     before = kitt.agent_status()["last_heartbeat_ok"]
 
     kitt.start_server()
-    wait_for(lambda: kitt.agent_status()["last_heartbeat_ok"] != before, what="heartbeat after outage")
+    wait_for(
+        lambda: kitt.agent_status()["last_heartbeat_ok"] != before, what="heartbeat after outage"
+    )
     assert kitt.pid_of("agent") == agent_pid  # same process: recovered, not restarted
     assert kitt.agent("steady")["id"] == agent_id  # same identity: no duplicate agent
     assert [a["name"] for a in kitt.agents()] == ["steady"]

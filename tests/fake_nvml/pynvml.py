@@ -20,12 +20,12 @@ class NVMLError(Exception):
     pass
 
 
-class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801 - the real binding's name
+class NVMLError_LibraryNotFound(NVMLError):
     def __str__(self) -> str:
         return "NVML Shared Library Not Found"
 
 
-class NVMLError_NotSupported(NVMLError):  # noqa: N801
+class NVMLError_NotSupported(NVMLError):
     def __str__(self) -> str:
         return "Not Supported"
 
@@ -69,7 +69,9 @@ def nvmlDeviceGetUUID(handle: int) -> str:
 
 def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:
     g = _gpu(handle)
-    return SimpleNamespace(total=g["mem_total"], used=g["mem_used"], free=g["mem_total"] - g["mem_used"])
+    return SimpleNamespace(
+        total=g["mem_total"], used=g["mem_used"], free=g["mem_total"] - g["mem_used"]
+    )
 
 
 def nvmlDeviceGetUtilizationRates(handle: int) -> SimpleNamespace:

@@ -12,6 +12,7 @@ import httpx
 
 from kitt.agent.config import DEFAULT_AGENT_PORT, AgentConfig, load_config, update_config
 from kitt.cli.common import KittGroup, ago, console, human_duration
+from kitt.cli.service import service
 from kitt.errors import AlreadyRunningError, NotRunningError
 from kitt.http import build_client
 from kitt.logsetup import setup_logging
@@ -42,7 +43,11 @@ def default_agent_name() -> str:
 )
 @click.option("--token", help="Bootstrap or agent token given by the server operator.")
 @click.option("--name", help="Agent name (default: this machine's short hostname).")
-@click.option("--port", type=click.IntRange(1, 65535), help=f"Port the agent listens on (default {DEFAULT_AGENT_PORT}).")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help=f"Port the agent listens on (default {DEFAULT_AGENT_PORT}).",
+)
 @click.option("--bind", help="Address the agent listens on (default 0.0.0.0).")
 @click.option(
     "--config", type=click.Path(dir_okay=False, path_type=Path), help="Config file to write."
@@ -182,3 +187,6 @@ def stop(timeout: float) -> None:
         click.echo(str(exc))
         return
     click.echo(f"agent stopped (pid {pid})")
+
+
+agent.add_command(service)
