@@ -11,14 +11,15 @@ from kitt.jsonapi import dump, install_json_errors
 from kitt.protocol import Health
 from kitt.server.api import agent_channel, fleet
 from kitt.server.settings import ServerSettings
-from kitt.server.store.agents import AgentStore
+from kitt.server.store.agents import AgentStore, HeartbeatWriter
 
 
-def create_app(settings: ServerSettings, agents: AgentStore) -> Flask:
+def create_app(settings: ServerSettings, agents: AgentStore, heartbeats: HeartbeatWriter) -> Flask:
     app = Flask("kitt.server")
     install_json_errors(app)
     app.extensions["kitt.settings"] = settings
     app.extensions["kitt.agents"] = agents
+    app.extensions["kitt.heartbeats"] = heartbeats
 
     @app.get("/api/v1/health")
     def health() -> Any:

@@ -16,7 +16,7 @@ from kitt.paths import ensure_dir, write_private
 from kitt.server.app import create_app
 from kitt.server.reaper import Reaper
 from kitt.server.settings import ServerSettings
-from kitt.server.store.agents import AgentStore
+from kitt.server.store.agents import AgentStore, HeartbeatWriter, heartbeat_writer
 from kitt.server.store.db import make_engine, migrate, sqlite_url
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,15 @@ class ServerDaemon:
         self._engine: Engine | None = None
         self._http: WsgiServer | None = None
         self._reaper: Reaper | None = None
+        self._heartbeats: HeartbeatWriter | None = None
 
     def start(self) -> None:
         self._engine = open_database(self.settings)
         store = AgentStore(self._engine)
+        self._heartbeats = heartbeat_writer(store)
+        self._heartbeats.start()
         self._http = WsgiServer(
-            create_app(self.settings, store),
+            create_app(self.settings, store, self._heartbeats),
             self.settings.host,
             self.settings.port,
             numthreads=self.settings.numthreads,
@@ -82,6 +85,8 @@ class ServerDaemon:
             self._reaper.join(timeout=5)
         if self._http is not None:
             self._http.stop()
+        if self._heartbeats is not None:
+            self._heartbeats.stop()
         if self._engine is not None:
             self._engine.dispose()
         Path(self.settings.paths.endpoint).unlink(missing_ok=True)

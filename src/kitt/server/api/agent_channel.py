@@ -6,11 +6,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, current_app, request
+from sqlalchemy.exc import SQLAlchemyError
 
 from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
 from kitt.protocol import Heartbeat, HeartbeatResponse, RegisterRequest, RegisterResponse
 from kitt.server.settings import ServerSettings
-from kitt.server.store.agents import AgentStore
+from kitt.server.store.agents import AgentStore, BeatRecord, HeartbeatWriter
+from kitt.server.store.group_commit import WriterStoppedError
 
 bp = Blueprint("agent_channel", __name__, url_prefix="/api/v1/agents")
 
@@ -45,6 +47,12 @@ def register() -> Any:
 def heartbeat(agent_id: str) -> Any:
     check_id(agent_id, "agent id")
     beat = parse_body(Heartbeat)
-    if not _store().record_heartbeat(agent_id, beat, datetime.now(timezone.utc)):
+    writer: HeartbeatWriter = current_app.extensions["kitt.heartbeats"]
+    try:
+        known = writer.submit(BeatRecord(agent_id, datetime.now(timezone.utc), beat))
+    except (WriterStoppedError, TimeoutError, SQLAlchemyError) as exc:
+        # The agent retries at its next interval; nothing it needs is lost meanwhile.
+        raise ApiFailure(503, f"heartbeat not stored, try again: {exc}") from exc
+    if not known:
         raise ApiFailure(404, f"unknown agent id {agent_id!r}: register again")
     return dump(HeartbeatResponse(heartbeat_interval_s=_settings().heartbeat_interval_s))

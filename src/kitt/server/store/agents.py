@@ -7,17 +7,78 @@ so it is two Core statements in one transaction and no ORM object loading.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, delete, insert, or_, select, update
+from pydantic import TypeAdapter
+from sqlalchemy import Engine, Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import sessionmaker
 
-from kitt.protocol import Heartbeat, RegisterRequest
+from kitt.protocol import GpuSample, Heartbeat, RegisterRequest
+from kitt.server.store.group_commit import GroupCommit
 from kitt.server.store.models import Agent, HeartbeatSample
 
 _AGENT = cast(Table, Agent.__table__)
 _HEARTBEAT = cast(Table, HeartbeatSample.__table__)
+
+
+_LIVE_COLUMNS = (
+    "status", "current_task", "uptime_s", "gpu_utilization_pct", "gpu_memory_used_gb",
+    "cpu_percent", "ram_used_gb", "gpus",
+)  # fmt: skip
+_LIVE_UPDATE = (
+    update(_AGENT)
+    .where(_AGENT.c.id == bindparam("b_id"))
+    .values(
+        online=True,
+        last_seen_at=bindparam("b_ts"),
+        kitt_version=func.coalesce(bindparam("b_version"), _AGENT.c.kitt_version),
+        **{c: bindparam(f"b_{c}") for c in _LIVE_COLUMNS},
+    )
+)
+_SAMPLE_INSERT = insert(_HEARTBEAT).values(
+    agent_id=bindparam("b_id"),
+    ts=bindparam("b_ts"),
+    **{c: bindparam(f"b_{c}") for c in _LIVE_COLUMNS},
+)
+
+
+_GPU_LIST = TypeAdapter(list[GpuSample])
+
+
+@dataclass(frozen=True, slots=True)
+class BeatRecord:
+    """One heartbeat as it will be written: which agent, when, and what it said."""
+
+    agent_id: str
+    ts: datetime
+    beat: Heartbeat
+
+    def params(self) -> dict[str, Any]:
+        """Bind parameters for both statements (the INSERT ignores ``b_version``)."""
+        b = self.beat
+        return {
+            "b_id": self.agent_id,
+            "b_ts": self.ts,
+            "b_version": b.kitt_version,
+            "b_status": b.status,
+            "b_current_task": b.current_task,
+            "b_uptime_s": b.uptime_s,
+            "b_gpu_utilization_pct": b.gpu_utilization_pct,
+            "b_gpu_memory_used_gb": b.gpu_memory_used_gb,
+            "b_cpu_percent": b.cpu_percent,
+            "b_ram_used_gb": b.ram_used_gb,
+            "b_gpus": _GPU_LIST.dump_json(b.gpus).decode(),
+        }
+
+
+HeartbeatWriter = GroupCommit[BeatRecord, bool]
+
+
+def heartbeat_writer(store: AgentStore) -> HeartbeatWriter:
+    return GroupCommit(store.record_heartbeats, name="heartbeat-writer")
 
 
 def new_agent_id() -> str:
@@ -64,42 +125,22 @@ class AgentStore:
             s.add(agent)
             return agent.id, True
 
-    def record_heartbeat(self, agent_id: str, beat: Heartbeat, now: datetime) -> bool:
-        """Store the live state and one history sample. False when the agent is unknown."""
-        gpus = [g.model_dump(mode="json") for g in beat.gpus]
-        live = {
-            "online": True,
-            "status": beat.status,
-            "current_task": beat.current_task,
-            "last_seen_at": now,
-            "uptime_s": beat.uptime_s,
-            "gpu_utilization_pct": beat.gpu_utilization_pct,
-            "gpu_memory_used_gb": beat.gpu_memory_used_gb,
-            "cpu_percent": beat.cpu_percent,
-            "ram_used_gb": beat.ram_used_gb,
-            "gpus": gpus,
-        }
-        if beat.kitt_version:
-            live["kitt_version"] = beat.kitt_version
+    def record_heartbeats(self, beats: Sequence[BeatRecord]) -> list[bool]:
+        """Store live state and a history sample for each beat, in one transaction.
+
+        Returns, per beat, whether its agent exists (an unknown one is told to register).
+        Statements are built once (:data:`_LIVE_UPDATE`, :data:`_SAMPLE_INSERT`) and run as
+        executemany: building them per call cost more than the SQLite write itself.
+        """
+        ids = list({b.agent_id for b in beats})
         with self.engine.begin() as conn:
-            updated = conn.execute(update(_AGENT).where(_AGENT.c.id == agent_id).values(live))
-            if updated.rowcount == 0:
-                return False
-            conn.execute(
-                insert(_HEARTBEAT).values(
-                    agent_id=agent_id,
-                    ts=now,
-                    status=beat.status,
-                    current_task=beat.current_task,
-                    uptime_s=beat.uptime_s,
-                    gpu_utilization_pct=beat.gpu_utilization_pct,
-                    gpu_memory_used_gb=beat.gpu_memory_used_gb,
-                    cpu_percent=beat.cpu_percent,
-                    ram_used_gb=beat.ram_used_gb,
-                    gpus=gpus,
-                )
-            )
-        return True
+            known = set(conn.scalars(select(_AGENT.c.id).where(_AGENT.c.id.in_(ids))))
+            rows = [b for b in beats if b.agent_id in known]
+            if rows:
+                params = [b.params() for b in rows]
+                conn.execute(_LIVE_UPDATE, params)
+                conn.execute(_SAMPLE_INSERT, params)
+        return [b.agent_id in known for b in beats]
 
     def list_agents(self) -> list[Agent]:
         with self.sessions() as s:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -25,6 +36,26 @@ class UtcDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+class JsonText(TypeDecorator[Any]):
+    """JSON kept as text, accepting text that is already encoded.
+
+    Heartbeats arrive as pydantic models that encode themselves to JSON in Rust far
+    faster than ``json.dumps``; this column takes that string as is (and encodes anything
+    else), so the hottest write path never pays for encoding twice.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return json.dumps(value, separators=(",", ":"))
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return json.loads(value) if value is not None else None
 
 
 class Base(DeclarativeBase):
@@ -57,7 +88,7 @@ class Agent(Base):
     gpu_memory_used_gb: Mapped[float | None] = mapped_column(Float)
     cpu_percent: Mapped[float | None] = mapped_column(Float)
     ram_used_gb: Mapped[float | None] = mapped_column(Float)
-    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JsonText, default=list)
 
 
 class HeartbeatSample(Base):
@@ -76,4 +107,4 @@ class HeartbeatSample(Base):
     gpu_memory_used_gb: Mapped[float | None] = mapped_column(Float)
     cpu_percent: Mapped[float | None] = mapped_column(Float)
     ram_used_gb: Mapped[float | None] = mapped_column(Float)
-    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JsonText, default=list)

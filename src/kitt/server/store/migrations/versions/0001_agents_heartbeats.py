@@ -41,7 +41,7 @@ def upgrade() -> None:
         sa.Column("gpu_memory_used_gb", sa.Float),
         sa.Column("cpu_percent", sa.Float),
         sa.Column("ram_used_gb", sa.Float),
-        sa.Column("gpus", sa.JSON, nullable=False),
+        sa.Column("gpus", sa.Text, nullable=False),
     )
     op.create_index("ix_agents_last_seen_at", "agents", ["last_seen_at"])
     op.create_table(
@@ -61,7 +61,7 @@ def upgrade() -> None:
         sa.Column("gpu_memory_used_gb", sa.Float),
         sa.Column("cpu_percent", sa.Float),
         sa.Column("ram_used_gb", sa.Float),
-        sa.Column("gpus", sa.JSON, nullable=False),
+        sa.Column("gpus", sa.Text, nullable=False),
     )
     op.create_index("ix_heartbeats_agent_ts", "heartbeats", ["agent_id", "ts"])
     op.create_index("ix_heartbeats_ts", "heartbeats", ["ts"])
