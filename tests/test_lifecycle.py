@@ -24,6 +24,7 @@ def test_agent_lifecycle_end_to_end(kitt: Kitt) -> None:
     t_before_start = time.time()
     started = kitt.run("agent", "start", check=True)
     assert "started" in started.stdout
+    assert f"registered with {kitt.server_url} as agt_" in started.stdout
     pid = kitt.pid_of("agent")
     assert pid is not None and psutil.pid_exists(pid)
     # The daemon is detached: it is not our child and lives in its own session.

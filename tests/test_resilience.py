@@ -7,7 +7,8 @@ from conftest import Kitt, wait_for
 
 def test_agent_started_before_server_keeps_retrying_then_registers(kitt: Kitt) -> None:
     kitt.init_agent("early")
-    kitt.run("agent", "start", check=True)  # no server yet: the start itself must succeed
+    started = kitt.run("agent", "start", check=True)  # no server yet: the start must succeed
+    assert "not registered yet (cannot reach" in started.stdout
     status = wait_for(
         lambda: (s := kitt.agent_status())["last_error"] and s, what="a failed registration"
     )

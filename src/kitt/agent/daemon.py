@@ -16,6 +16,10 @@ from kitt.http import WsgiServer
 
 log = logging.getLogger(__name__)
 
+# How long a start waits for the first registration attempt before reporting ready; the
+# agent is usable either way (it keeps retrying), this only makes the start message true.
+FIRST_REGISTRATION_WAIT_S = 5.0
+
 
 class AgentDaemon:
     def __init__(self, config: AgentConfig, *, insecure: bool = False) -> None:
@@ -54,6 +58,7 @@ class AgentDaemon:
             backoff_max_s=self.config.backoff_max_s,
         )
         self._heartbeat.start()
+        self._heartbeat.first_attempt_done.wait(FIRST_REGISTRATION_WAIT_S)
 
     def stop(self) -> None:
         if self._heartbeat is not None:

@@ -61,6 +61,9 @@ class HeartbeatThread(threading.Thread):
         self._load = HostLoad()
         self.interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self._failing = False
+        # Set once the first registration attempt is over, whatever its outcome, so that
+        # `kitt agent start` can say "registered" or "server unreachable" truthfully.
+        self.first_attempt_done = threading.Event()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -77,6 +80,8 @@ class HeartbeatThread(threading.Thread):
             resp = self._client.register(self._registration)
         except KittError as exc:
             return self._failed("registration", exc)
+        finally:
+            self.first_attempt_done.set()
         self._state.registered(resp.agent_id)
         self.interval_s = resp.heartbeat_interval_s
         self._recovered()

@@ -109,10 +109,17 @@ def start(
     if insecure:
         argv.append("--insecure")
     pid = spawn_background(foreground_argv(argv), paths.log, ready_timeout)
-    click.echo(
-        f"agent '{cfg.name}' started (pid {pid}), listening on {cfg.bind}:{cfg.port}, "
-        f"server {cfg.server_url}; log: {paths.log}"
-    )
+    click.echo(f"agent '{cfg.name}' started (pid {pid}), listening on {cfg.bind}:{cfg.port}")
+    report = probe_status(cfg)
+    if report is not None and report.registered:
+        click.echo(f"registered with {cfg.server_url} as {report.agent_id}")
+    else:
+        reason = report.last_error if report is not None else "unknown"
+        click.echo(
+            f"not registered yet ({reason}); the agent keeps retrying in the background. "
+            "Check with: kitt-agent status"
+        )
+    click.echo(f"log: {paths.log}")
 
 
 def probe_status(cfg: AgentConfig, timeout: float = 3.0) -> AgentStatusReport | None:
