@@ -19,7 +19,9 @@ from _harness import free_port, server_sandbox
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--interval", default="30", help="server heartbeat interval (seconds)")
     args = ap.parse_args()

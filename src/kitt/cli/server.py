@@ -55,7 +55,7 @@ def _paths(data_dir: Path | None) -> ServerPaths:
 @click.option(
     "--heartbeat-retention",
     type=Duration(),
-    default="7d",
+    default="2d",
     show_default=True,
     help="How long heartbeat history is kept.",
 )

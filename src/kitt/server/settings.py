@@ -17,7 +17,7 @@ class ServerSettings:
     port: int = DEFAULT_SERVER_PORT
     database_url: str | None = None
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
-    heartbeat_retention_s: float = 7 * 24 * 3600.0
+    heartbeat_retention_s: float = 2 * 24 * 3600.0
     numthreads: int = 64
 
     @property

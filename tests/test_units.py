@@ -1,0 +1,137 @@
+"""In-process tests of small pieces whose edge cases are cheaper to reach directly."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import click
+import pytest
+
+from kitt.agent.heartbeat import Backoff
+from kitt.cli.common import Duration
+from kitt.paths import ServerPaths
+from kitt.protocol import Heartbeat, RegisterRequest
+from kitt.server.reaper import Reaper
+from kitt.server.settings import ServerSettings
+from kitt.server.store.agents import AgentStore, BeatRecord
+from kitt.server.store.db import make_engine, migrate, sqlite_url
+from kitt.server.store.group_commit import GroupCommit, WriterStoppedError
+from kitt.urls import validate_server_url
+
+
+def test_backoff_grows_to_cap_with_jitter_and_resets() -> None:
+    b = Backoff(base=1.0, cap=8.0)
+    delays = [b.next() for _ in range(8)]
+    ceilings = [1, 2, 4, 8, 8, 8, 8, 8]
+    for delay, ceiling in zip(delays, ceilings, strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    b.reset()
+    assert b.next() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 30.0), ("30s", 30.0), ("0.5", 0.5), ("5m", 300.0), ("24h", 86400.0), ("2d", 172800.0),
+     ("250ms", 0.25)],
+)  # fmt: skip
+def test_duration_parsing(text: str, seconds: float) -> None:
+    assert Duration().convert(text, None, None) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "-5s", "0", "5 weeks", "abc"])
+def test_duration_rejects_nonsense(text: str) -> None:
+    with pytest.raises(click.BadParameter, match="positive duration"):
+        Duration().convert(text, None, None)
+
+
+def test_server_url_normalisation() -> None:
+    assert validate_server_url(" https://Kitt.example:8443/ ") == "https://Kitt.example:8443"
+    assert validate_server_url("http://[::1]:8080") == "http://[::1]:8080"
+
+
+def test_group_commit_returns_each_result_and_batches_concurrent_items() -> None:
+    seen: list[int] = []
+    release = threading.Event()
+
+    def write(items: Sequence[int]) -> list[int]:
+        release.wait(5)  # hold the first batch so the others pile up behind it
+        seen.append(len(items))
+        return [i * 10 for i in items]
+
+    gc: GroupCommit[int, int] = GroupCommit(write, name="t", linger_s=0)
+    gc.start()
+    results: dict[int, int] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, gc.submit(i))) for i in range(20)
+    ]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(10)
+    gc.stop()
+    assert results == {i: i * 10 for i in range(20)}
+    assert sum(seen) == 20 and len(seen) < 20  # some items shared a transaction
+
+
+def test_group_commit_failure_reaches_every_waiter_and_stop_refuses_new_work() -> None:
+    def write(items: Sequence[int]) -> list[int]:
+        raise OSError("disk full")
+
+    gc: GroupCommit[int, int] = GroupCommit(write, name="t")
+    gc.start()
+    with pytest.raises(OSError, match="disk full"):
+        gc.submit(1)
+    gc.stop()
+    with pytest.raises(WriterStoppedError):
+        gc.submit(2)
+
+
+def _store(tmp_path: Path) -> AgentStore:
+    engine = make_engine(sqlite_url(tmp_path / "kitt.db"))
+    migrate(engine)
+    migrate(engine)  # a second start finds the schema current: no-op
+    return AgentStore(engine)
+
+
+def test_reaper_marks_silent_agents_offline_and_prunes_old_history(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    now = datetime.now(timezone.utc)
+    old, _ = store.register(
+        RegisterRequest(name="old", hostname="h", port=1, kitt_version="x"), None, now
+    )
+    fresh, _ = store.register(
+        RegisterRequest(name="fresh", hostname="h", port=1, kitt_version="x"), None, now
+    )
+    beat = Heartbeat(status="idle", uptime_s=1)
+    store.record_heartbeats([
+        BeatRecord(old, now - timedelta(hours=30), beat),
+        BeatRecord(old, now - timedelta(seconds=100), beat),
+        BeatRecord(fresh, now, beat),
+    ])  # fmt: skip
+    settings = ServerSettings(
+        paths=ServerPaths(tmp_path), heartbeat_interval_s=30, heartbeat_retention_s=24 * 3600
+    )
+    Reaper(store, settings).tick()
+    states = {a.name: a.online for a in store.list_agents()}
+    assert states == {"old": False, "fresh": True}  # 100 s > 3 x 30 s of silence
+    history = store.heartbeats(old, None, 100)
+    assert len(history) == 1 and history[0].ts == now - timedelta(seconds=100)
+    assert len(store.heartbeats(fresh, None, 100)) == 1
+
+
+def test_unknown_agent_in_a_batch_does_not_sink_the_others(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    now = datetime.now(timezone.utc)
+    known, _ = store.register(
+        RegisterRequest(name="k", hostname="h", port=1, kitt_version="x"), None, now
+    )
+    beat = Heartbeat(status="running", current_task="t1", uptime_s=5)
+    assert store.record_heartbeats(
+        [BeatRecord("agt_gone", now, beat), BeatRecord(known, now, beat)]
+    ) == [False, True]
+    agent = store.find("k")
+    assert agent is not None and agent.status == "running" and agent.current_task == "t1"
