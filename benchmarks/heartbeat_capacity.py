@@ -2,13 +2,14 @@
 
 Two measurements against a real `kitt server` (SQLite, fresh KITT_HOME):
 
-* **open loop** at a fixed offered rate (default 2,000/s): requests are sent on a fixed
-  schedule whatever the server does, and latency counts from the *scheduled* send time,
-  so a server that falls behind shows it in p99 instead of silently slowing the client;
+* **open loop** at fixed offered rates (default 500, 1,000, 1,500 and 2,000/s): requests
+  are sent on a fixed schedule whatever the server does, and latency counts from the
+  *scheduled* send time, so a server that falls behind shows it in p99 instead of
+  silently slowing the client;
 * **saturation** (closed loop, C connections each with one request in flight): the
   highest rate the server sustains.
 
-    python benchmarks/heartbeat_capacity.py [--agents 1000] [--rate 2000] [--seconds 20]
+    python benchmarks/heartbeat_capacity.py [--agents 1000] [--rates 500,1000,1500,2000] [--seconds 15]
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def main() -> None:
     )
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per heartbeat payload")
-    ap.add_argument("--rate", type=float, default=2000.0, help="offered heartbeats/s (open loop)")
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--rates", default="500,1000,1500,2000", help="offered heartbeats/s (open loop)")
+    ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--saturate-connections", type=int, default=16)
     args = ap.parse_args()
@@ -123,15 +124,16 @@ def main() -> None:
               f"({args.gpus} GPUs), {psutil.cpu_count()} CPUs")  # fmt: skip
 
         asyncio.run(closed_loop(box.port, requests, 2.0, 4))  # warm up pools and caches
-        cpu0 = server.cpu_times()
-        res = asyncio.run(open_loop(box.port, requests, args.rate, args.seconds, args.connections))
-        cpu1 = server.cpu_times()
-        cpu_pct = 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / res["elapsed_s"]
-        print(f"open loop  offered {args.rate:.0f}/s for {args.seconds:.0f}s: "
-              f"achieved {res['achieved_per_s']:.0f}/s, errors {res['errors']}, "
-              f"p50 {res['p50_ms']:.1f} ms, p90 {res['p90_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
-              f"max {res['max_ms']:.1f} ms; server CPU {cpu_pct:.0f}% of one core, "
-              f"RSS {server.memory_info().rss / 2**20:.0f} MiB")  # fmt: skip
+        for rate in (float(r) for r in args.rates.split(",")):
+            cpu0 = server.cpu_times()
+            res = asyncio.run(open_loop(box.port, requests, rate, args.seconds, args.connections))
+            cpu1 = server.cpu_times()
+            cpu_pct = 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / res["elapsed_s"]
+            print(f"open loop  offered {rate:5.0f}/s for {args.seconds:.0f}s: "
+                  f"achieved {res['achieved_per_s']:5.0f}/s, errors {res['errors']}, "
+                  f"p50 {res['p50_ms']:7.1f} ms, p90 {res['p90_ms']:7.1f} ms, p99 {res['p99_ms']:7.1f} ms, "
+                  f"max {res['max_ms']:7.1f} ms; server CPU {cpu_pct:3.0f}% of one core, "
+                  f"RSS {server.memory_info().rss / 2**20:.0f} MiB")  # fmt: skip
 
         sat = asyncio.run(
             closed_loop(box.port, requests, min(args.seconds, 10), args.saturate_connections)

@@ -38,6 +38,7 @@ _LIVE_UPDATE = (
         **{c: bindparam(f"b_{c}") for c in _LIVE_COLUMNS},
     )
 )
+_KNOWN_IDS = select(_AGENT.c.id).where(_AGENT.c.id.in_(bindparam("ids", expanding=True)))
 _SAMPLE_INSERT = insert(_HEARTBEAT).values(
     agent_id=bindparam("b_id"),
     ts=bindparam("b_ts"),
@@ -134,7 +135,7 @@ class AgentStore:
         """
         ids = list({b.agent_id for b in beats})
         with self.engine.begin() as conn:
-            known = set(conn.scalars(select(_AGENT.c.id).where(_AGENT.c.id.in_(ids))))
+            known = set(conn.scalars(_KNOWN_IDS, {"ids": ids}))
             rows = [b for b in beats if b.agent_id in known]
             if rows:
                 params = [b.params() for b in rows]
