@@ -109,7 +109,9 @@ def main() -> None:
     )
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per heartbeat payload")
-    ap.add_argument("--rates", default="500,1000,1500,2000", help="offered heartbeats/s (open loop)")
+    ap.add_argument(
+        "--rates", default="500,1000,1500,2000", help="offered heartbeats/s (open loop)"
+    )
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--saturate-connections", type=int, default=16)
@@ -128,7 +130,9 @@ def main() -> None:
             cpu0 = server.cpu_times()
             res = asyncio.run(open_loop(box.port, requests, rate, args.seconds, args.connections))
             cpu1 = server.cpu_times()
-            cpu_pct = 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / res["elapsed_s"]
+            cpu_pct = (
+                100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / res["elapsed_s"]
+            )
             print(f"open loop  offered {rate:5.0f}/s for {args.seconds:.0f}s: "
                   f"achieved {res['achieved_per_s']:5.0f}/s, errors {res['errors']}, "
                   f"p50 {res['p50_ms']:7.1f} ms, p90 {res['p90_ms']:7.1f} ms, p99 {res['p99_ms']:7.1f} ms, "

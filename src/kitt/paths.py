@@ -38,14 +38,6 @@ class AgentPaths:
     def log(self) -> Path:
         return self.home / "agent.log"
 
-    @property
-    def spool(self) -> Path:
-        return self.home / "spool"
-
-    @property
-    def certs(self) -> Path:
-        return self.home / "certs"
-
 
 @dataclass(frozen=True)
 class ServerPaths:
@@ -71,10 +63,6 @@ class ServerPaths:
     def endpoint(self) -> Path:
         """Written on start so local CLI commands find the server without flags."""
         return self.data_dir / "endpoint.json"
-
-    @property
-    def certs(self) -> Path:
-        return self.data_dir / "certs"
 
 
 def agent_paths() -> AgentPaths:

@@ -23,7 +23,9 @@ MISSED_HEARTBEATS_OFFLINE = 3
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 # Agent names become certificate CNs and unit names later: keep them to the id alphabet
 # plus dots so that a hostname such as "gpu-01.lab" is accepted as is.
-AgentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+AgentName = Annotated[str, StringConstraints(pattern=AGENT_NAME_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 AgentRunState = Literal["idle", "running", "error"]
 

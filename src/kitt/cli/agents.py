@@ -9,7 +9,7 @@ from rich.table import Table
 
 from kitt.cli.common import KittGroup, ago, console, human_duration
 from kitt.fleet_client import FleetClient, resolve_server_url
-from kitt.protocol import ID_RE
+from kitt.protocol import AGENT_NAME_RE, ID_RE
 
 STATE_STYLE = {"offline": "red", "idle": "green", "running": "cyan", "error": "yellow"}
 server_option = click.option(
@@ -22,7 +22,7 @@ def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
 
 
 def _name(value: str) -> str:
-    if not ID_RE.match(value.replace(".", "_")):
+    if not (ID_RE.match(value) or AGENT_NAME_RE.match(value)):
         raise click.BadParameter(f"{value!r} is not an agent name or id")
     return value
 

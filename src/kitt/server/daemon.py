@@ -22,14 +22,10 @@ from kitt.server.store.db import make_engine, migrate, sqlite_url
 log = logging.getLogger(__name__)
 
 
-def database_url(settings: ServerSettings) -> str:
-    return settings.database_url or sqlite_url(settings.paths.database)
-
-
 def open_database(settings: ServerSettings) -> Engine:
     ensure_dir(settings.paths.data_dir, 0o700)
     try:
-        engine = make_engine(database_url(settings))
+        engine = make_engine(sqlite_url(settings.paths.database))
     except OSError as exc:
         raise KittError(f"cannot open the database: {exc}") from exc
     migrate(engine)

@@ -15,7 +15,6 @@ class ServerSettings:
     paths: ServerPaths
     host: str = "127.0.0.1"
     port: int = DEFAULT_SERVER_PORT
-    database_url: str | None = None
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_retention_s: float = 2 * 24 * 3600.0
     numthreads: int = 64
