@@ -145,6 +145,7 @@ def test_port_in_use_is_a_clear_error_for_agent_and_server(kitt: Kitt) -> None:
         assert result.returncode == 1
         assert f"port {kitt.server_port} on 127.0.0.1 is already in use" in result.stderr
         assert not (kitt.home / "server" / "server.pid").exists()
+        assert not (kitt.home / "server" / "kitt.db").exists()  # failed before touching it
 
 
 def test_fleet_client_without_server_is_clear(kitt: Kitt) -> None:

@@ -81,8 +81,9 @@ def error_message(response: httpx.Response) -> str:
 class WsgiServer:
     """A cheroot server run on a background thread.
 
-    ``bind`` happens in :meth:`start` on the caller's thread so that "port in use" and
-    similar failures surface as :class:`DaemonStartError` before a daemon reports ready.
+    :meth:`bind` (also done by :meth:`start`) runs on the caller's thread so that "port in
+    use" and similar failures surface as :class:`DaemonStartError` before a daemon reports
+    ready, and before it has touched anything else.
     """
 
     def __init__(
@@ -123,7 +124,13 @@ class WsgiServer:
     def bound_port(self) -> int:
         return int(self._server.bind_addr[1])
 
-    def start(self) -> None:
+    def set_app(self, app: Any) -> None:
+        """Install the WSGI app after :meth:`bind` (the server binds before it opens its DB)."""
+        self._server.wsgi_app = app
+
+    def bind(self) -> None:
+        if self._server.ready:
+            return
         try:
             self._server.prepare()
         except OSError as exc:
@@ -137,6 +144,9 @@ class WsgiServer:
                     f"not allowed to listen on {self.host}:{self.port} (ports below 1024 need root)"
                 ) from exc
             raise DaemonStartError(f"cannot listen on {self.host}:{self.port}: {exc}") from exc
+
+    def start(self) -> None:
+        self.bind()
         self._thread = threading.Thread(target=self._serve, name="http-server", daemon=True)
         self._thread.start()
 

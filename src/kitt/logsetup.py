@@ -10,6 +10,15 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Rotation re-creates the file with the umask's mode (often 0644); logs stay 0600."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        stream = super()._open()
+        os.chmod(self.baseFilename, 0o600)
+        return stream
+
+
 def setup_logging(log_file: Path | None, level: str = "INFO") -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -19,7 +28,7 @@ def setup_logging(log_file: Path | None, level: str = "INFO") -> None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         log_file.touch(mode=0o600, exist_ok=True)
         os.chmod(log_file, 0o600)
-        handler = logging.handlers.RotatingFileHandler(
+        handler = PrivateRotatingFileHandler(
             log_file, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
         )
     handler.setFormatter(logging.Formatter(FORMAT))

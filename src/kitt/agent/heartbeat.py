@@ -26,7 +26,11 @@ JITTER = 0.1  # ±10 % on the heartbeat interval so agents started together drif
 
 
 class Backoff:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base·2^n))."""
+    """Exponential backoff with "equal jitter": uniform(c/2, c), c = min(cap, base·2^n).
+
+    Half the delay is kept so retries never bunch up at zero; the random half spreads a
+    fleet that lost its server at the same moment.
+    """
 
     def __init__(self, base: float = 1.0, cap: float = 60.0) -> None:
         self.base = base
@@ -71,7 +75,12 @@ class HeartbeatThread(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             registered = self._state.snapshot().agent_id is not None
-            delay = self._beat() if registered else self._register()
+            try:
+                delay = self._beat() if registered else self._register()
+            except Exception as exc:  # a bug must not silently end the agent's heartbeat
+                log.exception("unexpected error in the heartbeat loop")
+                self._state.server_error(f"internal error: {exc}")
+                delay = self._backoff.next()
             if delay > 0:
                 self._stop_event.wait(delay)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import httpx
 
+from kitt import __version__
 from kitt.agent.config import DEFAULT_AGENT_PORT, AgentConfig, load_config, update_config
 from kitt.cli.common import KittGroup, ago, console, human_duration
 from kitt.cli.service import service
@@ -22,6 +23,7 @@ from kitt.protocol import AgentStatusReport
 
 
 @click.group(cls=KittGroup, name="agent")
+@click.version_option(__version__, "--version", "-V", prog_name="kitt-agent")
 def agent() -> None:
     """Run and manage the KITT agent daemon on this machine."""
 
@@ -150,7 +152,9 @@ def status(config: Path | None, as_json: bool) -> None:
     if report is None:
         st = pid_state(agent_paths().pid)
         if as_json:
-            click.echo(json.dumps({"name": cfg.name, "running": False, "pid_file": st.state}))
+            click.echo(
+                json.dumps({"name": cfg.name, "daemon_running": False, "pid_file": st.state})
+            )
         else:
             note = {
                 "missing": "",

@@ -11,7 +11,8 @@ from rich.console import Console
 
 from kitt.errors import KittError
 
-console = Console()
+# soft_wrap: a long value (an error, a URL) stays on one line when output is piped.
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 

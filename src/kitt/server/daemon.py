@@ -41,17 +41,19 @@ class ServerDaemon:
         self._heartbeats: HeartbeatWriter | None = None
 
     def start(self) -> None:
-        self._engine = open_database(self.settings)
-        store = AgentStore(self._engine)
-        self._heartbeats = heartbeat_writer(store)
-        self._heartbeats.start()
         self._http = WsgiServer(
-            create_app(self.settings, store, self._heartbeats),
+            None,
             self.settings.host,
             self.settings.port,
             numthreads=self.settings.numthreads,
             name="kitt-server",
         )
+        self._http.bind()  # a port clash fails the start before the database is touched
+        self._engine = open_database(self.settings)
+        store = AgentStore(self._engine)
+        self._heartbeats = heartbeat_writer(store)
+        self._heartbeats.start()
+        self._http.set_app(create_app(self.settings, store, self._heartbeats))
         self._http.start()
         self._reaper = Reaper(store, self.settings)
         self._reaper.start()

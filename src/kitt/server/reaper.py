@@ -46,7 +46,9 @@ class Reaper(threading.Thread):
         cutoff = now - timedelta(seconds=self._settings.offline_after_s)
         for name in self._store.mark_offline(cutoff):
             log.warning(
-                "agent %s is offline (no heartbeat for %g s)", name, self._settings.offline_after_s
+                "agent %s is offline (no heartbeat for over %g s)",
+                name,
+                self._settings.offline_after_s,
             )
         if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = time.monotonic()

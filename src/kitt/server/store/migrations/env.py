@@ -8,7 +8,7 @@ from kitt.server.store.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only reachable from a stray `alembic` call
-    raise RuntimeError("run migrations with `kitt server migrate`, not the alembic CLI")
+    raise RuntimeError("migrations run on `kitt server start`, not from the alembic CLI")
 
 context.configure(
     connection=connection,
