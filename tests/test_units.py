@@ -19,6 +19,7 @@ from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, BeatRecord
 from kitt.server.store.db import make_engine, migrate, sqlite_url
 from kitt.server.store.group_commit import GroupCommit, WriterStoppedError
+from kitt.server.store.tests import TestStore
 from kitt.urls import validate_server_url
 
 
@@ -115,7 +116,7 @@ def test_reaper_marks_silent_agents_offline_and_prunes_old_history(tmp_path: Pat
     settings = ServerSettings(
         paths=ServerPaths(tmp_path), heartbeat_interval_s=30, heartbeat_retention_s=24 * 3600
     )
-    Reaper(store, settings).tick()
+    Reaper(store, TestStore(store.engine), settings).tick()
     states = {a.name: a.online for a in store.list_agents()}
     assert states == {"old": False, "fresh": True}  # 100 s > 3 x 30 s of silence
     history = store.heartbeats(old, None, 100)

@@ -180,3 +180,90 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "body"
         parts.append(f"{loc}: {err['msg']}")
     return "invalid request: " + "; ".join(parts)
+
+
+# --- tests and commands (ARCHITECTURE.md §4 "Dispatch", §5 "States") ---------------------
+
+TestStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled", "lost"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "lost"})
+BenchmarkName = Annotated[str, StringConstraints(pattern=AGENT_NAME_PATTERN)]
+ParamKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
+ParamValue = str | int | float | bool | None
+ANY_AGENT = "any"
+
+
+class TestRequest(WireModel):
+    """``POST /api/v1/tests``. ``agent`` is a name, an id, or ``any`` (an idle online agent,
+    optionally one whose GPU description contains ``gpu``)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    agent: ShortText
+    benchmark: BenchmarkName
+    engine: ShortText | None = None
+    model: ShortText | None = None
+    params: dict[ParamKey, ParamValue] = Field(default_factory=dict, max_length=64)
+    gpu: ShortText | None = None
+
+
+class RunTestPayload(WireModel):
+    """What a ``run_test`` command carries: names and values, never a command line."""
+
+    benchmark: BenchmarkName
+    engine: ShortText | None = None
+    model: ShortText | None = None
+    params: dict[ParamKey, ParamValue] = Field(default_factory=dict, max_length=64)
+
+
+class Command(WireModel):
+    command_id: Id
+    type: Literal["run_test", "cancel"]
+    test_id: Id
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandAccepted(WireModel):
+    accepted: bool = True
+    command_id: str
+
+
+class TestStatusReport(WireModel):
+    """``POST /api/v1/agents/<id>/tests/<test_id>/status`` (idempotent)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    status: Literal["running", "completed", "failed", "cancelled"]
+    error: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ResultReport(WireModel):
+    """``POST /api/v1/agents/<id>/results`` (idempotent by ``command_id``)."""
+
+    command_id: Id
+    test_id: Id
+    status: Literal["completed", "failed", "cancelled"]
+    result: dict[str, Any] | None = None
+    error: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    finished_at: datetime | None = None
+
+
+class TestInfo(WireModel):
+    __test__ = False  # not a pytest test class, despite the name
+    id: str
+    agent_id: str | None
+    agent_name: str
+    benchmark: str
+    engine: str | None
+    model: str | None
+    params: dict[str, Any]
+    status: TestStatus
+    error: str | None
+    command_id: str
+    cancel_requested: bool
+    created_at: datetime
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, Any] | None = None

@@ -60,6 +60,13 @@ def _paths(data_dir: Path | None) -> ServerPaths:
     help="How long heartbeat history is kept.",
 )
 @click.option(
+    "--lost-after",
+    type=Duration(),
+    default="5m",
+    show_default=True,
+    help="A running test whose agent is offline this long becomes 'lost'.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -80,6 +87,7 @@ def start(
     foreground: bool,
     heartbeat_interval: float,
     heartbeat_retention: float,
+    lost_after: float,
     log_level: str,
     log_file: Path | None,
     ready_timeout: float,
@@ -97,6 +105,7 @@ def start(
             port=port,
             heartbeat_interval_s=heartbeat_interval,
             heartbeat_retention_s=heartbeat_retention,
+            lost_after_s=lost_after,
         )
         setup_logging(log_file, log_level)
         run_until_signalled(ServerDaemon(settings), PidFile(paths.pid, "server"))
@@ -111,6 +120,7 @@ def start(
         "--data-dir", str(paths.data_dir),
         "--heartbeat-interval", repr(heartbeat_interval),
         "--heartbeat-retention", repr(heartbeat_retention),
+        "--lost-after", repr(lost_after),
         "--log-level", log_level,
         "--log-file", str(paths.log),
     ]  # fmt: skip

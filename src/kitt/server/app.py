@@ -10,16 +10,27 @@ from kitt import __version__
 from kitt.jsonapi import dump, install_json_errors
 from kitt.protocol import Health
 from kitt.server.api import agent_channel, fleet
+from kitt.server.api import tests as tests_api
+from kitt.server.dispatcher import Dispatcher
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter
+from kitt.server.store.tests import TestStore
 
 
-def create_app(settings: ServerSettings, agents: AgentStore, heartbeats: HeartbeatWriter) -> Flask:
+def create_app(
+    settings: ServerSettings,
+    agents: AgentStore,
+    heartbeats: HeartbeatWriter,
+    tests: TestStore,
+    dispatcher: Dispatcher,
+) -> Flask:
     app = Flask("kitt.server")
     install_json_errors(app)
     app.extensions["kitt.settings"] = settings
     app.extensions["kitt.agents"] = agents
     app.extensions["kitt.heartbeats"] = heartbeats
+    app.extensions["kitt.tests"] = tests
+    app.extensions["kitt.dispatcher"] = dispatcher
 
     @app.get("/api/v1/health")
     def health() -> Any:
@@ -27,4 +38,5 @@ def create_app(settings: ServerSettings, agents: AgentStore, heartbeats: Heartbe
 
     app.register_blueprint(agent_channel.bp)
     app.register_blueprint(fleet.bp)
+    app.register_blueprint(tests_api.bp)
     return app

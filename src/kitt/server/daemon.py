@@ -14,10 +14,12 @@ from kitt.errors import KittError
 from kitt.http import WsgiServer
 from kitt.paths import ensure_dir, write_private
 from kitt.server.app import create_app
+from kitt.server.dispatcher import Dispatcher
 from kitt.server.reaper import Reaper
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter, heartbeat_writer
 from kitt.server.store.db import make_engine, migrate, sqlite_url
+from kitt.server.store.tests import TestStore
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class ServerDaemon:
         self._http: WsgiServer | None = None
         self._reaper: Reaper | None = None
         self._heartbeats: HeartbeatWriter | None = None
+        self._dispatcher: Dispatcher | None = None
 
     def start(self) -> None:
         self._http = WsgiServer(
@@ -51,11 +54,16 @@ class ServerDaemon:
         self._http.bind()  # a port clash fails the start before the database is touched
         self._engine = open_database(self.settings)
         store = AgentStore(self._engine)
+        tests = TestStore(self._engine)
         self._heartbeats = heartbeat_writer(store)
         self._heartbeats.start()
-        self._http.set_app(create_app(self.settings, store, self._heartbeats))
+        self._dispatcher = Dispatcher(tests, store)
+        self._dispatcher.start()
+        self._http.set_app(
+            create_app(self.settings, store, self._heartbeats, tests, self._dispatcher)
+        )
         self._http.start()
-        self._reaper = Reaper(store, self.settings)
+        self._reaper = Reaper(store, tests, self.settings)
         self._reaper.start()
         url = f"http://{_url_host(self.settings.host)}:{self._http.bound_port}"
         write_private(
@@ -85,6 +93,8 @@ class ServerDaemon:
             self._http.stop()
         if self._heartbeats is not None:
             self._heartbeats.stop()
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
         if self._engine is not None:
             self._engine.dispose()
         Path(self.settings.paths.endpoint).unlink(missing_ok=True)

@@ -7,13 +7,16 @@ agrees with what a user sees.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore
+from kitt.server.store.tests import TestStore
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,10 @@ PRUNE_EVERY_S = 300.0
 
 
 class Reaper(threading.Thread):
-    def __init__(self, store: AgentStore, settings: ServerSettings) -> None:
+    def __init__(self, store: AgentStore, tests: TestStore, settings: ServerSettings) -> None:
         super().__init__(name="reaper", daemon=True)
         self._store = store
+        self._tests = tests
         self._settings = settings
         self._stop_event = threading.Event()
         # Check often enough that "offline after 3 intervals" is late by at most half an
@@ -50,6 +54,15 @@ class Reaper(threading.Thread):
                 name,
                 self._settings.offline_after_s,
             )
+        lost_after = self._settings.lost_after_s
+        gone = self._store.offline_since(now - timedelta(seconds=lost_after))
+        for test in self._tests.active_on_offline_agents(gone):
+            with contextlib.suppress(IllegalTransitionError, KeyError):
+                self._tests.transition(
+                    test.id, "lost", finished_at=now,
+                    error=f"agent {test.agent_name} offline for over {lost_after:g} s",
+                )  # fmt: skip
+                log.warning("test %s is lost: agent %s went offline", test.id, test.agent_name)
         if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = time.monotonic()
             horizon = now - timedelta(seconds=self._settings.heartbeat_retention_s)

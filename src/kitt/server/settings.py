@@ -18,6 +18,8 @@ class ServerSettings:
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_retention_s: float = 2 * 24 * 3600.0
     numthreads: int = 64
+    # A dispatched or running test whose agent stays offline this long is "lost".
+    lost_after_s: float = 300.0
 
     @property
     def offline_after_s(self) -> float:

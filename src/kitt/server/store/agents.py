@@ -184,6 +184,12 @@ class AgentStore:
                 )
             return names
 
+    def offline_since(self, cutoff: datetime) -> list[str]:
+        """Ids of offline agents last seen before ``cutoff``."""
+        query = select(Agent.id).where(Agent.online.is_(False), Agent.last_seen_at < cutoff)
+        with self.sessions() as s:
+            return list(s.scalars(query))
+
     def prune_heartbeats(self, older_than: datetime) -> int:
         with self.engine.begin() as conn:
             return conn.execute(delete(_HEARTBEAT).where(_HEARTBEAT.c.ts < older_than)).rowcount

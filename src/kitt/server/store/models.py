@@ -108,3 +108,29 @@ class HeartbeatSample(Base):
     cpu_percent: Mapped[float | None] = mapped_column(Float)
     ram_used_gb: Mapped[float | None] = mapped_column(Float)
     gpus: Mapped[list[dict[str, Any]]] = mapped_column(JsonText, default=list)
+
+
+class TestRun(Base):
+    """A submitted test. ``agent_name`` is kept so history survives removing the agent."""
+
+    __tablename__ = "tests"
+    __test__ = False
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    command_id: Mapped[str] = mapped_column(String(64), unique=True)
+    agent_id: Mapped[str | None] = mapped_column(
+        String(64), ForeignKey("agents.id", ondelete="SET NULL"), index=True
+    )
+    agent_name: Mapped[str] = mapped_column(String(64))
+    benchmark: Mapped[str] = mapped_column(String(64))
+    engine: Mapped[str | None] = mapped_column(String(256))
+    model: Mapped[str | None] = mapped_column(String(256))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonText, default=dict)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JsonText)

@@ -1,0 +1,148 @@
+"""Endpoints users call about tests: submit, list, show, cancel."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
+from kitt.protocol import ANY_AGENT, TestInfo, TestRequest
+from kitt.server.dispatcher import Dispatcher
+from kitt.server.lifecycle import IllegalTransitionError
+from kitt.server.store.agents import AgentStore
+from kitt.server.store.models import Agent, TestRun
+from kitt.server.store.tests import TestStore
+
+bp = Blueprint("tests", __name__, url_prefix="/api/v1/tests")
+
+STATUSES = ("queued", "dispatched", "running", "completed", "failed", "cancelled", "lost")
+
+
+def _tests() -> TestStore:
+    return current_app.extensions["kitt.tests"]  # type: ignore[no-any-return]
+
+
+def _agents() -> AgentStore:
+    return current_app.extensions["kitt.agents"]  # type: ignore[no-any-return]
+
+
+def _dispatcher() -> Dispatcher:
+    return current_app.extensions["kitt.dispatcher"]  # type: ignore[no-any-return]
+
+
+def info(test: TestRun) -> TestInfo:
+    return TestInfo(
+        id=test.id,
+        agent_id=test.agent_id,
+        agent_name=test.agent_name,
+        benchmark=test.benchmark,
+        engine=test.engine,
+        model=test.model,
+        params=test.params,
+        status=test.status,  # type: ignore[arg-type]
+        error=test.error,
+        command_id=test.command_id,
+        cancel_requested=test.cancel_requested,
+        created_at=test.created_at,
+        dispatched_at=test.dispatched_at,
+        started_at=test.started_at,
+        finished_at=test.finished_at,
+        result=test.result,
+    )
+
+
+def _offers(agent: Agent, benchmark: str) -> bool:
+    return benchmark in agent.capabilities
+
+
+def _pick_agent(req: TestRequest) -> Agent:
+    if req.agent != ANY_AGENT:
+        agent = _agents().find(req.agent)
+        if agent is None:
+            raise ApiFailure(404, f"no agent with id or name {req.agent!r}")
+        if not _offers(agent, req.benchmark):
+            offered = ", ".join(agent.capabilities) or "none"
+            raise ApiFailure(
+                400, f"agent {agent.name} has no benchmark {req.benchmark!r} (it offers: {offered})"
+            )
+        return agent
+    gpu = (req.gpu or "").lower()
+    candidates = [
+        a
+        for a in _agents().list_agents()
+        if a.online
+        and a.status == "idle"
+        and _offers(a, req.benchmark)
+        and gpu in (a.gpu_info or "").lower()
+        and not _tests().has_active(a.id)
+    ]
+    if not candidates:
+        gpu_note = f" with a GPU matching {req.gpu!r}" if req.gpu else ""
+        raise ApiFailure(
+            409, f"no idle online agent{gpu_note} offers benchmark {req.benchmark!r}; try later"
+        )
+    # The agent idle the longest since it registered spreads work across the fleet.
+    return min(candidates, key=lambda a: (a.last_seen_at is None, a.registered_at))
+
+
+@bp.post("")
+def submit() -> Any:
+    req = parse_body(TestRequest)
+    agent = _pick_agent(req)
+    test = _tests().create(
+        agent_id=agent.id,
+        agent_name=agent.name,
+        benchmark=req.benchmark,
+        engine=req.engine,
+        model=req.model,
+        params=dict(req.params),
+        created_at=datetime.now(timezone.utc),
+    )
+    current_app.logger.info("test %s queued for %s: %s", test.id, agent.name, req.benchmark)
+    _dispatcher().wake(agent.id)
+    return dump(info(test), 202)
+
+
+@bp.get("")
+def list_tests() -> Response:
+    status = request.args.get("status")
+    if status and status not in STATUSES:
+        raise ApiFailure(400, f"'status' must be one of {', '.join(STATUSES)}")
+    try:
+        limit = int(request.args.get("limit", "50"))
+    except ValueError:
+        raise ApiFailure(400, "'limit' must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise ApiFailure(400, "'limit' must be between 1 and 1000")
+    tests = _tests().query(status=status, agent=request.args.get("agent"), limit=limit)
+    return jsonify(tests=[info(t).model_dump(mode="json") for t in tests])
+
+
+def _get(test_id: str) -> TestRun:
+    check_id(test_id, "test id")
+    test = _tests().get(test_id)
+    if test is None:
+        raise ApiFailure(404, f"no test {test_id!r}")
+    return test
+
+
+@bp.get("/<test_id>")
+def show(test_id: str) -> Any:
+    return dump(info(_get(test_id)))
+
+
+@bp.post("/<test_id>/cancel")
+def cancel(test_id: str) -> Any:
+    test = _get(test_id)
+    try:
+        test = _tests().request_cancel(test.id, datetime.now(timezone.utc))
+    except IllegalTransitionError as exc:
+        raise ApiFailure(409, f"test {test_id} has already ended ({exc.current})") from None
+    if test.agent_id:
+        if test.status == "cancelled":
+            _dispatcher().refresh(test.agent_id)
+        else:
+            _dispatcher().wake(test.agent_id)
+    return dump(info(test), 202)

@@ -1,0 +1,171 @@
+"""Getting commands to agents: pushed at once, or carried by the next heartbeat response.
+
+A submit wakes a worker that POSTs the command to the agent's ``/api/commands``. When
+the agent cannot be reached (down, behind NAT) the test simply stays ``queued``, and the
+agent's next idle heartbeat carries it. Delivery is at-least-once; agents drop a
+``command_id`` they have already seen. One test at a time per agent is enforced here
+too, so an agent is never sent a second test while one is dispatched or running.
+
+The heartbeat handler is the hottest path on the server, so it only consults the
+database for agents in :attr:`_pending` (an in-memory set rebuilt at start and kept
+current by every change that creates or clears pending work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from datetime import datetime, timezone
+from typing import Any
+
+from kitt.apiclient import ApiClient
+from kitt.errors import ApiError, KittError
+from kitt.http import build_client
+from kitt.protocol import Command, CommandAccepted, RunTestPayload
+from kitt.server.lifecycle import IllegalTransitionError
+from kitt.server.store.agents import AgentStore
+from kitt.server.store.models import TestRun
+from kitt.server.store.tests import TestStore
+
+log = logging.getLogger(__name__)
+
+PUSH_TIMEOUT_S = 5.0
+
+
+def cancel_command_id(test: TestRun) -> str:
+    return f"{test.command_id}-cancel"
+
+
+def command_for(test: TestRun) -> Command:
+    if test.status in ("dispatched", "running") and test.cancel_requested:
+        return Command(command_id=cancel_command_id(test), type="cancel", test_id=test.id)
+    payload = RunTestPayload(
+        benchmark=test.benchmark, engine=test.engine, model=test.model, params=test.params
+    )
+    return Command(
+        command_id=test.command_id,
+        type="run_test",
+        test_id=test.id,
+        payload=payload.model_dump(mode="json"),
+    )
+
+
+class Dispatcher:
+    def __init__(self, tests: TestStore, agents: AgentStore) -> None:
+        self._tests = tests
+        self._agents = agents
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._wake: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    def start(self) -> None:
+        with self._lock:
+            self._pending = self._tests.agents_with_pending_work()
+        self._thread.start()
+        for agent_id in list(self._pending):
+            self._wake.put(agent_id)
+
+    def stop(self) -> None:
+        self._wake.put(None)
+        self._thread.join(timeout=PUSH_TIMEOUT_S + 2)
+
+    def wake(self, agent_id: str) -> None:
+        """New work for ``agent_id`` (a submit or a cancel): try to push it now."""
+        with self._lock:
+            self._pending.add(agent_id)
+        self._wake.put(agent_id)
+
+    def refresh(self, agent_id: str) -> None:
+        """A test of this agent changed state; drop it from the fast set if nothing is left."""
+        if not self._tests.pending_for(agent_id):
+            with self._lock:
+                self._pending.discard(agent_id)
+
+    def for_heartbeat(self, agent_id: str, agent_status: str) -> list[dict[str, Any]]:
+        """Commands to return in this agent's heartbeat response (usually none, cheaply)."""
+        with self._lock:
+            if agent_id not in self._pending:
+                return []
+        commands = []
+        for test in self._tests.pending_for(agent_id):
+            if test.status == "queued":
+                if agent_status != "idle" or self._tests.has_active(agent_id):
+                    continue
+                if not self._mark_dispatched(test, "heartbeat"):
+                    continue
+            commands.append(command_for(test).model_dump(mode="json"))
+            if test.status == "queued":
+                break  # one run_test per delivery
+        self.refresh(agent_id)
+        return commands
+
+    def _mark_dispatched(self, test: TestRun, how: str) -> bool:
+        try:
+            _, changed = self._tests.transition(
+                test.id, "dispatched", dispatched_at=datetime.now(timezone.utc)
+            )
+        except (IllegalTransitionError, KeyError):
+            return False  # cancelled or dispatched meanwhile
+        if changed:
+            log.info("test %s dispatched to %s via %s", test.id, test.agent_name, how)
+        return changed
+
+    def _run(self) -> None:
+        while True:
+            agent_id = self._wake.get()
+            if agent_id is None:
+                return
+            try:
+                self._push_pending(agent_id)
+            except Exception:
+                log.exception(
+                    "push to agent %s failed unexpectedly; the heartbeat will carry it", agent_id
+                )
+
+    def _push_pending(self, agent_id: str) -> None:
+        agent = self._agents.find(agent_id)
+        if agent is None or not agent.online or not agent.address:
+            return
+        url = f"http://{agent.address}:{agent.port}"
+        with build_client(url, timeout=PUSH_TIMEOUT_S) as http:
+            api = ApiClient(http)
+            for test in self._tests.pending_for(agent_id):
+                if test.status == "queued" and self._tests.has_active(agent_id):
+                    break
+                if not self._push(api, test):
+                    break
+        self.refresh(agent_id)
+
+    def _push(self, api: ApiClient, test: TestRun) -> bool:
+        """Push one command; False stops pushing to this agent for now."""
+        command = command_for(test)
+        try:
+            api.call("POST", "/api/commands", CommandAccepted, command)
+        except ApiError as exc:
+            if exc.status == 409:
+                log.info("agent %s is busy; test %s stays queued", test.agent_name, test.id)
+                return False
+            if command.type == "cancel" and exc.status == 404:
+                self._cancel_unknown_to_agent(test)
+                return True
+            log.warning("agent %s refused %s for test %s: %s", test.agent_name, command.type,
+                        test.id, exc.message)  # fmt: skip
+            return False
+        except KittError as exc:
+            log.info("cannot push to agent %s (%s); the next heartbeat carries test %s",
+                     test.agent_name, exc, test.id)  # fmt: skip
+            return False
+        if command.type == "run_test":
+            self._mark_dispatched(test, "push")
+        return True
+
+    def _cancel_unknown_to_agent(self, test: TestRun) -> None:
+        """The agent never started it (e.g. it restarted): the cancel completes here."""
+        with contextlib.suppress(IllegalTransitionError, KeyError):
+            self._tests.transition(
+                test.id, "cancelled", finished_at=datetime.now(timezone.utc),
+                error="cancelled; the agent was not running it",
+            )  # fmt: skip
