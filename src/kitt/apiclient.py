@@ -6,6 +6,7 @@ unreachable" and "server said 4xx" mean the same thing everywhere.
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 import httpx
@@ -25,8 +26,12 @@ class ApiClient:
     def base_url(self) -> str:
         return str(self.http.base_url).rstrip("/")
 
-    def request(self, method: str, path: str, body: BaseModel | None = None) -> httpx.Response:
+    def request(
+        self, method: str, path: str, body: BaseModel | None = None, json_body: Any = None
+    ) -> httpx.Response:
         content = body.model_dump_json().encode() if body is not None else None
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
         headers = {"Content-Type": "application/json"} if content is not None else None
         try:
             response = self.http.request(method, path, content=content, headers=headers)

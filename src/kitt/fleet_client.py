@@ -6,11 +6,13 @@ import json
 import os
 from typing import Any
 
+import httpx
+
 from kitt.apiclient import ApiClient
 from kitt.errors import KittError
 from kitt.http import build_client
 from kitt.paths import ServerPaths
-from kitt.protocol import AgentDetail, AgentSummary, HeartbeatRecord
+from kitt.protocol import AgentDetail, AgentSummary, HeartbeatRecord, TestInfo, TestRequest
 from kitt.urls import validate_server_url
 
 
@@ -52,6 +54,22 @@ class FleetClient:
     def heartbeats(self, id_or_name: str, limit: int) -> list[HeartbeatRecord]:
         body: Any = self._api.json("GET", f"/api/v1/agents/{id_or_name}/heartbeats?limit={limit}")
         return [HeartbeatRecord.model_validate(h) for h in body["heartbeats"]]
+
+    def submit(self, request: TestRequest) -> TestInfo:
+        return self._api.call("POST", "/api/v1/tests", TestInfo, request)
+
+    def test(self, test_id: str) -> TestInfo:
+        return self._api.call("GET", f"/api/v1/tests/{test_id}", TestInfo)
+
+    def tests(self, status: str | None, agent: str | None, limit: int) -> list[TestInfo]:
+        query = httpx.QueryParams({k: v for k, v in
+                                   {"status": status, "agent": agent, "limit": limit}.items()
+                                   if v is not None})  # fmt: skip
+        body: Any = self._api.json("GET", f"/api/v1/tests?{query}")
+        return [TestInfo.model_validate(t) for t in body["tests"]]
+
+    def cancel(self, test_id: str) -> TestInfo:
+        return self._api.call("POST", f"/api/v1/tests/{test_id}/cancel", TestInfo)
 
     def remove(self, id_or_name: str) -> dict[str, Any]:
         body: dict[str, Any] = self._api.json("DELETE", f"/api/v1/agents/{id_or_name}")

@@ -38,6 +38,14 @@ class AgentPaths:
     def log(self) -> Path:
         return self.home / "agent.log"
 
+    @property
+    def spool(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def jobs(self) -> Path:
+        return self.home / "jobs"
+
 
 @dataclass(frozen=True)
 class ServerPaths:

@@ -1,4 +1,4 @@
-"""The agent's own HTTP API (Flask). Commands and log streams join it in later work."""
+"""The agent's own HTTP API (Flask): status, health, and the commands the server pushes."""
 
 from __future__ import annotations
 
@@ -8,14 +8,24 @@ from flask import Flask
 
 from kitt import __version__
 from kitt.agent.config import AgentConfig
+from kitt.agent.jobs import CommandError, JobManager
 from kitt.agent.state import AgentState
-from kitt.jsonapi import dump, install_json_errors
-from kitt.protocol import AgentStatusReport, Health
+from kitt.jsonapi import ApiFailure, dump, install_json_errors, parse_body
+from kitt.protocol import AgentStatusReport, Command, CommandAccepted, Health
 
 
-def create_agent_app(config: AgentConfig, state: AgentState) -> Flask:
+def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -> Flask:
     app = Flask("kitt.agent")
     install_json_errors(app)
+
+    @app.post("/api/commands")
+    def commands() -> Any:
+        command = parse_body(Command)
+        try:
+            jobs.handle(command)
+        except CommandError as exc:
+            raise ApiFailure(exc.status, str(exc)) from None
+        return dump(CommandAccepted(command_id=command.command_id), 202)
 
     @app.get("/api/health")
     def health() -> Any:

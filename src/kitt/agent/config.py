@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kitt.errors import ConfigError, NotConfiguredError
 from kitt.paths import write_private
-from kitt.protocol import AgentName
+from kitt.protocol import AgentName, BenchmarkName
 from kitt.urls import validate_server_url
 
 DEFAULT_AGENT_PORT = 8090
@@ -21,6 +21,23 @@ class TlsConfig(BaseModel):
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
+
+
+class CustomBenchmark(BaseModel):
+    """An operator's own benchmark: the agent runs ``command`` (an argv list, no shell).
+
+    The run gets its parameters as ``KITT_PARAM_<NAME>`` variables and as JSON in the
+    file named by ``KITT_PARAMS_FILE``; if it writes a JSON object to ``result_file``
+    (default: the path in ``KITT_RESULT_FILE``), that object becomes the test's result.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1)
+    timeout_s: float = Field(default=3600.0, gt=0)
+    result_file: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    description: str | None = None
 
 
 class AgentConfig(BaseModel):
@@ -38,7 +55,7 @@ class AgentConfig(BaseModel):
     backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
     engines: dict[str, Any] = Field(default_factory=dict)
-    benchmarks: dict[str, Any] = Field(default_factory=dict)
+    benchmarks: dict[BenchmarkName, CustomBenchmark] = Field(default_factory=dict)
 
     @field_validator("server_url")
     @classmethod

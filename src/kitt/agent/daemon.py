@@ -1,36 +1,50 @@
-"""The agent daemon: its HTTP listener plus the heartbeat thread, started and stopped as one."""
+"""The agent daemon: HTTP listener, heartbeat, job runner and spool, started and stopped as one."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from pydantic import ValidationError
 
 from kitt import __version__
 from kitt.agent.app import create_agent_app
 from kitt.agent.config import AgentConfig
 from kitt.agent.hardware import registration
 from kitt.agent.heartbeat import HeartbeatThread
+from kitt.agent.jobs import CommandError, JobManager, spool_result
 from kitt.agent.server_client import ServerClient
+from kitt.agent.spool import Spool, SpoolSender
 from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry
 from kitt.http import WsgiServer
+from kitt.paths import AgentPaths
+from kitt.protocol import Command
 
 log = logging.getLogger(__name__)
 
 # How long a start waits for the first registration attempt before reporting ready; the
 # agent is usable either way (it keeps retrying), this only makes the start message true.
 FIRST_REGISTRATION_WAIT_S = 5.0
+# On SIGTERM a running test is cancelled (SIGTERM, 10 s grace, SIGKILL) and its result
+# gets this long to reach the server before the agent exits; what is left stays spooled.
+STOP_JOB_TIMEOUT_S = 12.0
+STOP_DELIVERY_S = 3.0
 
 
 class AgentDaemon:
-    def __init__(self, config: AgentConfig, *, insecure: bool = False) -> None:
+    def __init__(self, config: AgentConfig, paths: AgentPaths, *, insecure: bool = False) -> None:
         self.config = config
         self.state = AgentState()
         self._insecure = insecure
+        self._spool = Spool(paths.spool)
+        self.jobs = JobManager(config, paths.jobs, self.state, self._spool)
         self._telemetry: GpuTelemetry | None = None
         self._client: ServerClient | None = None
         self._heartbeat: HeartbeatThread | None = None
+        self._sender: SpoolSender | None = None
         self._http = WsgiServer(
-            create_agent_app(config, self.state),
+            create_agent_app(config, self.state, self.jobs),
             config.bind,
             config.port,
             numthreads=16,
@@ -41,29 +55,63 @@ class AgentDaemon:
         # Listen first: a port clash must fail the start before anything talks to the server.
         self._http.start()
         log.info(
-            "kitt-agent %s '%s' listening on %s:%d, server %s",
+            "kitt-agent %s '%s' listening on %s:%d, server %s, benchmarks: %s",
             __version__,
             self.config.name,
             self.config.bind,
             self._http.bound_port,
             self.config.server_url,
+            ", ".join(sorted(self.config.benchmarks)) or "none",
         )
+        self.jobs.recover()
         self._telemetry = GpuTelemetry()
         self._client = ServerClient(self.config, insecure=self._insecure)
+        self._sender = SpoolSender(self._spool, self._client, self.state, self.config.backoff_max_s)
+        self._sender.start()
         self._heartbeat = HeartbeatThread(
             self._client,
             self.state,
             self._telemetry,
-            registration(self.config.name, self.config.port, self._telemetry),
+            registration(
+                self.config.name, self.config.port, self._telemetry, list(self.config.benchmarks)
+            ),
             backoff_max_s=self.config.backoff_max_s,
+            on_commands=self._commands_from_heartbeat,
         )
         self._heartbeat.start()
         self._heartbeat.first_attempt_done.wait(FIRST_REGISTRATION_WAIT_S)
 
+    def _commands_from_heartbeat(self, commands: list[dict[str, Any]]) -> None:
+        """Commands that rode a heartbeat response: there is no HTTP answer to refuse with,
+        so a run_test the agent cannot take is reported as a failed test instead."""
+        for raw in commands:
+            try:
+                command = Command.model_validate(raw)
+            except ValidationError as exc:
+                log.warning("ignoring an invalid command from the server: %s", exc)
+                continue
+            try:
+                self.jobs.handle(command)
+            except CommandError as exc:
+                if command.type != "run_test":
+                    log.info("cancel of test %s: %s", command.test_id, exc)
+                    continue
+                log.warning("cannot run test %s: %s", command.test_id, exc)
+                spool_result(
+                    self._spool, command.command_id, command.test_id, "failed",
+                    f"agent refused it: {exc}",
+                )  # fmt: skip
+
     def stop(self) -> None:
+        self.jobs.shutdown(STOP_JOB_TIMEOUT_S)
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat.join(timeout=5)
+        if self._sender is not None:
+            self._sender.stop()
+            self._sender.join(timeout=STOP_DELIVERY_S)
+            if self._spool.items():
+                log.info("%d report(s) stay spooled for the next start", len(self._spool.items()))
         self._http.stop()
         if self._client is not None:
             self._client.close()

@@ -31,7 +31,9 @@ def gpu_summary(names: list[str]) -> str | None:
     return ", ".join(f"{n}x {name}" for name, n in Counter(names).items())
 
 
-def registration(name: str, port: int, telemetry: GpuTelemetry) -> RegisterRequest:
+def registration(
+    name: str, port: int, telemetry: GpuTelemetry, benchmarks: list[str]
+) -> RegisterRequest:
     gpus = telemetry.static()
     cpu = cpu_model()
     cores = psutil.cpu_count(logical=True)
@@ -56,7 +58,7 @@ def registration(name: str, port: int, telemetry: GpuTelemetry) -> RegisterReque
         cpu_info=f"{cpu} ({cores} threads)" if cpu else None,
         ram_gb=ram_gb,
         hardware=hardware,
-        capabilities=[],
+        capabilities=sorted(benchmarks),
     )
 
 

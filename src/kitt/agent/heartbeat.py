@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from kitt import __version__
 from kitt.agent.hardware import HostLoad
@@ -54,12 +56,14 @@ class HeartbeatThread(threading.Thread):
         telemetry: GpuTelemetry,
         registration: RegisterRequest,
         backoff_max_s: float,
+        on_commands: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._client = client
         self._state = state
         self._telemetry = telemetry
         self._registration = registration
+        self._on_commands = on_commands
         self._stop_event = threading.Event()
         self._backoff = Backoff(cap=backoff_max_s)
         self._load = HostLoad()
@@ -129,6 +133,8 @@ class HeartbeatThread(threading.Thread):
             return min(self._failed("heartbeat", exc), self._jittered())
         self._state.heartbeat_ok()
         self._recovered()
+        if resp.commands and self._on_commands is not None:
+            self._on_commands(resp.commands)
         if resp.heartbeat_interval_s != self.interval_s and resp.heartbeat_interval_s > 0:
             log.info("heartbeat interval is now %g s", resp.heartbeat_interval_s)
             self.interval_s = resp.heartbeat_interval_s

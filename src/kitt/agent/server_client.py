@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from kitt.agent.config import AgentConfig
 from kitt.apiclient import ApiClient
 from kitt.errors import ApiError
@@ -33,6 +35,10 @@ class ServerClient:
             if exc.status == 404:
                 raise AgentUnknownError(exc.status, exc.message) from exc
             raise
+
+    def post_json(self, path: str, body: dict[str, Any]) -> None:
+        """Deliver one spooled report (already a plain JSON object)."""
+        self._api.request("POST", path, json_body=body)
 
     def close(self) -> None:
         self._api.close()

@@ -102,7 +102,7 @@ def start(
         from kitt.process import run_until_signalled
 
         setup_logging(log_file, cfg.log_level)
-        run_until_signalled(AgentDaemon(cfg, insecure=insecure), PidFile(paths.pid, "agent"))
+        run_until_signalled(AgentDaemon(cfg, paths, insecure=insecure), PidFile(paths.pid, "agent"))
         return
     running = pid_state(paths.pid)
     if running.state == "running":
@@ -186,7 +186,7 @@ def status(config: Path | None, as_json: bool) -> None:
 @click.option(
     "--timeout",
     type=float,
-    default=15.0,
+    default=30.0,
     show_default=True,
     help="Seconds to wait for the agent to exit.",
 )

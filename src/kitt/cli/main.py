@@ -9,6 +9,7 @@ from kitt.cli.agent import agent
 from kitt.cli.agents import agents
 from kitt.cli.common import KittGroup
 from kitt.cli.server import server
+from kitt.cli.tests import test_group
 
 
 @click.group(cls=KittGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def cli() -> None:
 cli.add_command(server)
 cli.add_command(agent)
 cli.add_command(agents)
+cli.add_command(test_group)
 
 
 def main() -> None:

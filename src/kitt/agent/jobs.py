@@ -1,0 +1,351 @@
+"""Running tests on the agent: one at a time, each a supervised subprocess.
+
+The benchmark runs as its own process group (``start_new_session``) so that it never
+shares the agent's GIL, and so that a cancel or timeout reaches every process it
+started (SIGTERM to the group, SIGKILL after a grace period). The agent process stays
+responsive throughout: a job is a thread that only waits on pipes and the child.
+
+What ran is recorded under ``$KITT_HOME/jobs/<command_id>/`` (``state.json``,
+``output.log``, params and result): that is how a ``command_id`` seen before is
+recognised after a restart, and how a job cut short by ``kill -9`` of the agent is
+reported as failed when the agent comes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kitt.agent.config import AgentConfig, CustomBenchmark
+from kitt.agent.spool import AGENT_ID, Spool
+from kitt.agent.state import AgentState
+from kitt.errors import KittError
+from kitt.paths import PRIVATE_DIR, ensure_dir, write_private
+from kitt.protocol import Command, RunTestPayload, describe_validation_error
+
+log = logging.getLogger(__name__)
+
+CANCEL_GRACE_S = 10.0
+RESULT_MAX_BYTES = 1024 * 1024 - 4096  # the result must fit the server's 1 MiB body limit
+
+
+class CommandError(KittError):
+    """A command the agent cannot take; ``status`` is the HTTP answer to give."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _param_env(params: dict[str, Any]) -> dict[str, str]:
+    env = {}
+    for key, value in params.items():
+        name = "KITT_PARAM_" + re.sub(r"[^A-Za-z0-9]", "_", key).upper()
+        if value is None:
+            continue
+        env[name] = json.dumps(value) if isinstance(value, bool) else str(value)
+    return env
+
+
+def spool_result(
+    spool: Spool,
+    command_id: str,
+    test_id: str,
+    status: str,
+    error: str | None,
+    result: dict[str, Any] | None = None,
+) -> None:
+    """Queue a test's final report (``POST …/results``) for durable delivery."""
+    body = {
+        "command_id": command_id,
+        "test_id": test_id,
+        "status": status,
+        "result": result,
+        "error": error,
+        "finished_at": _now(),
+    }
+    spool.put("result", f"/api/v1/agents/{AGENT_ID}/results", body)
+
+
+class Job(threading.Thread):
+    def __init__(
+        self,
+        command: Command,
+        payload: RunTestPayload,
+        benchmark: CustomBenchmark,
+        workdir: Path,
+        spool: Spool,
+        on_end: Callable[[Job], None],
+    ) -> None:
+        super().__init__(name=f"job-{command.test_id}", daemon=True)
+        self.command = command
+        self.test_id = command.test_id
+        self.payload = payload
+        self.benchmark = benchmark
+        self.workdir = workdir
+        self._spool = spool
+        self._on_end = on_end
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._stop_reason: str | None = None  # "cancelled" or "timeout"
+        self.final_status: str | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """SIGTERM the whole process group now, SIGKILL it after the grace period."""
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        log.info(
+            "stopping test %s (%s): SIGTERM to process group %d", self.test_id, reason, proc.pid
+        )
+        self._signal_group(proc, signal.SIGTERM)
+        timer = threading.Timer(CANCEL_GRACE_S, self._kill_if_alive, args=(proc,))
+        timer.daemon = True
+        timer.start()
+
+    def _kill_if_alive(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            log.warning("test %s ignored SIGTERM; SIGKILL to its process group", self.test_id)
+        self._signal_group(proc, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        started = _now()
+        self._write_state("running", started_at=started)
+        self._report_status("running", started_at=started)
+        status, error, result = "failed", None, None
+        try:
+            status, error, result = self._execute()
+        except Exception as exc:  # a bug here must still end the test, not hang it
+            log.exception("job for test %s crashed", self.test_id)
+            error = f"agent error while running the benchmark: {exc}"
+        self.final_status = status
+        self._write_state(status, started_at=started, finished_at=_now(), error=error)
+        spool_result(self._spool, self.command.command_id, self.test_id, status, error, result)
+        log.info("test %s %s%s", self.test_id, status, f": {error}" if error else "")
+        self._on_end(self)
+
+    def _execute(self) -> tuple[str, str | None, dict[str, Any] | None]:
+        result_file = self._result_path()
+        params_file = self.workdir / "params.json"
+        write_private(params_file, json.dumps(self.payload.params))
+        env = dict(os.environ)
+        env.update(self.benchmark.env)
+        env.update(_param_env(self.payload.params))
+        env.update(
+            KITT_TEST_ID=self.test_id,
+            KITT_COMMAND_ID=self.command.command_id,
+            KITT_BENCHMARK=self.payload.benchmark,
+            KITT_PARAMS_FILE=str(params_file),
+            KITT_RESULT_FILE=str(result_file),
+            KITT_JOB_DIR=str(self.workdir),
+        )
+        if self.payload.engine:
+            env["KITT_ENGINE"] = self.payload.engine
+        if self.payload.model:
+            env["KITT_MODEL"] = self.payload.model
+        with self._lock:
+            if self._stop_reason == "cancelled":
+                return "cancelled", "cancelled before it started", None
+            try:
+                # argv from the agent's own config, never from the network, and no shell.
+                self._proc = subprocess.Popen(
+                    self.benchmark.command,
+                    cwd=self.workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                return "failed", f"cannot start {self.benchmark.command[0]!r}: {exc.strerror}", None
+        proc = self._proc
+        timer = threading.Timer(self.benchmark.timeout_s, self.cancel, args=("timeout",))
+        timer.daemon = True
+        timer.start()
+        reader = threading.Thread(target=self._copy_output, args=(proc,), daemon=True)
+        reader.start()
+        code = proc.wait()
+        timer.cancel()
+        # Whatever the benchmark left running in its group ends with it.
+        self._signal_group(proc, signal.SIGKILL)
+        reader.join(timeout=5)
+        with self._lock:
+            reason = self._stop_reason
+        if reason == "cancelled":
+            return "cancelled", "cancelled by request", None
+        if reason == "timeout":
+            return "failed", f"timed out after {self.benchmark.timeout_s:g} s", None
+        if code != 0:
+            how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            return "failed", f"benchmark {how}", self._read_result(result_file, required=False)[1]
+        error, result = self._read_result(
+            result_file, required=self.benchmark.result_file is not None
+        )
+        return ("failed", error, None) if error else ("completed", None, result)
+
+    def _result_path(self) -> Path:
+        declared = self.benchmark.result_file
+        if declared is None:
+            return self.workdir / "result.json"
+        return declared if declared.is_absolute() else self.workdir / declared
+
+    @staticmethod
+    def _read_result(path: Path, required: bool) -> tuple[str | None, dict[str, Any] | None]:
+        if not path.exists():
+            return (f"the benchmark wrote no result file at {path}" if required else None), None
+        if path.stat().st_size > RESULT_MAX_BYTES:
+            return f"result file {path} is larger than {RESULT_MAX_BYTES} bytes", None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"result file {path} is not valid JSON: {exc}", None
+        if not isinstance(data, dict):
+            return f"result file {path} must hold a JSON object, not {type(data).__name__}", None
+        return None, data
+
+    def _copy_output(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None  # noqa: S101 - Popen was given stdout=PIPE
+        with open(self.workdir / "output.log", "ab") as out:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _report_status(self, status: str, **fields: Any) -> None:
+        body = {"status": status, **fields}
+        self._spool.put("status", f"/api/v1/agents/{AGENT_ID}/tests/{self.test_id}/status", body)
+
+    def _write_state(self, status: str, **fields: Any) -> None:
+        state = {"test_id": self.test_id, "command_id": self.command.command_id,
+                 "status": status, "pid": os.getpid(), **fields}  # fmt: skip
+        write_private(self.workdir / "state.json", json.dumps(state))
+
+
+class JobManager:
+    """Accepts commands (from a push or a heartbeat) and runs at most one job at a time."""
+
+    def __init__(
+        self, config: AgentConfig, jobs_dir: Path, state: AgentState, spool: Spool
+    ) -> None:
+        self._config = config
+        self._dir = ensure_dir(jobs_dir, PRIVATE_DIR)
+        self._state = state
+        self._spool = spool
+        self._lock = threading.Lock()
+        self._current: Job | None = None
+
+    @property
+    def current(self) -> Job | None:
+        with self._lock:
+            return self._current
+
+    def handle(self, command: Command) -> bool:
+        """Take a command. True when it is new, False for a duplicate; raises CommandError."""
+        if command.type == "cancel":
+            return self._cancel(command)
+        try:
+            payload = RunTestPayload.model_validate(command.payload)
+        except ValidationError as exc:
+            raise CommandError(
+                400, "invalid run_test payload: " + describe_validation_error(exc)
+            ) from None
+        benchmark = self._config.benchmarks.get(payload.benchmark)
+        if benchmark is None:
+            offered = ", ".join(sorted(self._config.benchmarks)) or "none"
+            raise CommandError(
+                400, f"unknown benchmark {payload.benchmark!r} (this agent offers: {offered})"
+            )
+        with self._lock:
+            if self._current is not None and self._current.command.command_id == command.command_id:
+                return False
+            workdir = self._dir / command.command_id
+            if workdir.exists():
+                return False  # seen before (possibly before a restart): at-least-once delivery
+            if self._current is not None:
+                raise CommandError(409, f"busy: running test {self._current.test_id}")
+            ensure_dir(workdir, PRIVATE_DIR)
+            job = Job(command, payload, benchmark, workdir, self._spool, self._ended)
+            self._current = job
+            self._state.set_task("running", command.test_id)
+        job.start()
+        log.info("test %s started: benchmark %s (command %s)", command.test_id, payload.benchmark,
+                 command.command_id)  # fmt: skip
+        return True
+
+    def _cancel(self, command: Command) -> bool:
+        with self._lock:
+            job = self._current
+        if job is not None and job.test_id == command.test_id:
+            job.cancel()
+            return True
+        for state_file in self._dir.glob("*/state.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(state_file.read_text()).get("test_id") == command.test_id:
+                    return False  # it already ended here; its result is on its way
+        raise CommandError(404, f"test {command.test_id} is not running on this agent")
+
+    def _ended(self, job: Job) -> None:
+        with self._lock:
+            if self._current is job:
+                self._current = None
+                self._state.set_task("idle", None)
+
+    def recover(self) -> int:
+        """Report jobs that a previous agent process left running (it was killed) as failed."""
+        count = 0
+        for state_file in sorted(self._dir.glob("*/state.json")):
+            try:
+                state = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if state.get("status") != "running":
+                continue
+            error = f"agent restarted while the test was running (previous pid {state.get('pid')})"
+            spool_result(self._spool, state["command_id"], state["test_id"], "failed", error)
+            state.update(status="failed", error=error, finished_at=_now())
+            write_private(state_file, json.dumps(state))
+            log.warning(
+                "test %s was interrupted by an agent restart; reporting it failed", state["test_id"]
+            )
+            count += 1
+        return count
+
+    def shutdown(self, timeout: float) -> None:
+        """Cancel the running job (if any) and wait for it to report."""
+        job = self.current
+        if job is None:
+            return
+        job.cancel("cancelled")
+        job.join(timeout)
+        if job.is_alive():
+            log.error("test %s did not stop within %g s", job.test_id, timeout)

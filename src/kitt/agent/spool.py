@@ -1,0 +1,116 @@
+"""Durable outbound reports: write to disk first, deliver in order, delete on acknowledgement.
+
+Every status change and result goes through here, so a server that is down, a network
+cut or an agent restart loses nothing: items are files in ``$KITT_HOME/spool`` (written
+atomically, 0600, named by a sequence number), and the sender retries with backoff until
+the server answers 2xx. A 4xx means retrying can never succeed (the server no longer
+knows the test, the transition is illegal): the item moves to ``spool/rejected/`` for
+an operator to inspect instead of blocking everything behind it or vanishing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from kitt.agent.heartbeat import Backoff
+from kitt.agent.server_client import ServerClient
+from kitt.agent.state import AgentState
+from kitt.errors import ApiError, KittError
+from kitt.paths import PRIVATE_DIR, ensure_dir, write_private
+
+log = logging.getLogger(__name__)
+
+AGENT_ID = "{agent_id}"
+
+
+class Spool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = ensure_dir(directory, PRIVATE_DIR)
+        self.rejected = self.directory / "rejected"
+        self._lock = threading.Lock()
+        existing = [int(p.name.split("-", 1)[0]) for p in self.items()]
+        self._seq = max(existing, default=0)
+        self.changed = threading.Event()
+
+    def put(self, kind: str, path: str, body: dict[str, Any]) -> Path:
+        """Persist one report; ``path`` may contain ``{agent_id}``, filled in when sent."""
+        with self._lock:
+            self._seq += 1
+            target = self.directory / f"{self._seq:012d}-{kind}.json"
+            write_private(target, json.dumps({"path": path, "body": body}))
+        self.changed.set()
+        return target
+
+    def items(self) -> list[Path]:
+        return sorted(p for p in self.directory.glob("*.json") if p.name[0].isdigit())
+
+    def reject(self, item: Path) -> None:
+        ensure_dir(self.rejected, PRIVATE_DIR)
+        os.replace(item, self.rejected / item.name)
+
+
+class SpoolSender(threading.Thread):
+    def __init__(
+        self, spool: Spool, client: ServerClient, state: AgentState, backoff_max_s: float
+    ) -> None:
+        super().__init__(name="spool-sender", daemon=True)
+        self._spool = spool
+        self._client = client
+        self._state = state
+        self._backoff = Backoff(base=0.5, cap=backoff_max_s)
+        self._stop_event = threading.Event()
+        self._failing = False
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self._spool.changed.set()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self._spool.changed.wait(1.0)
+            self._spool.changed.clear()
+            delay = self.deliver()
+            if delay:
+                self._stop_event.wait(delay)
+
+    def deliver(self) -> float:
+        """Send everything in order; returns a retry delay, or 0 when the spool is empty."""
+        agent_id = self._state.snapshot().agent_id
+        if agent_id is None:
+            return 0.5 if self._spool.items() else 0.0
+        for item in self._spool.items():
+            try:
+                entry = json.loads(item.read_text())
+            except (OSError, ValueError) as exc:
+                log.error("unreadable spool item %s (%s); moved aside", item.name, exc)
+                self._spool.reject(item)
+                continue
+            try:
+                self._client.post_json(entry["path"].replace(AGENT_ID, agent_id), entry["body"])
+            except ApiError as exc:
+                if exc.status >= 500:
+                    return self._retry(item, exc)
+                log.warning(
+                    "server rejected %s (%s); kept in %s", item.name, exc, self._spool.rejected
+                )
+                self._spool.reject(item)
+                continue
+            except KittError as exc:
+                return self._retry(item, exc)
+            item.unlink(missing_ok=True)
+            if self._failing:
+                log.info("spooled reports are being delivered again")
+                self._failing = False
+            self._backoff.reset()
+        return 0.0
+
+    def _retry(self, item: Path, exc: KittError) -> float:
+        if not self._failing:
+            log.warning("cannot deliver %s yet (%s); will retry", item.name, exc)
+            self._failing = True
+        return self._backoff.next()
