@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import yaml
 
 FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
+BENCH_SCRIPTS = Path(__file__).parent / "bench_scripts"
 T = TypeVar("T")
 
 
@@ -114,6 +116,31 @@ class Kitt:
         # Short retry cap so recovery tests do not wait a minute between attempts.
         cfg = self.home / "agent.yaml"
         cfg.write_text(cfg.read_text() + "backoff_max_s: 1\n")
+
+    def add_benchmark(self, name: str, script: str, *args: str, **options: Any) -> None:
+        """Declare a custom benchmark running one of tests/bench_scripts/ in agent.yaml."""
+        cfg = self.home / "agent.yaml"
+        data = yaml.safe_load(cfg.read_text())
+        argv = [sys.executable, str(BENCH_SCRIPTS / script), *args]
+        data.setdefault("benchmarks", {})[name] = {"command": argv, **options}
+        cfg.write_text(yaml.safe_dump(data))
+
+    def submit(self, benchmark: str, agent: str = "gpu-01", **params: Any) -> dict[str, Any]:
+        response = self.api(
+            "POST", "/api/v1/tests", json={"agent": agent, "benchmark": benchmark, "params": params}
+        )
+        assert response.status_code == 202, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def test_info(self, test_id: str) -> dict[str, Any]:
+        return self.api("GET", f"/api/v1/tests/{test_id}").json()  # type: ignore[no-any-return]
+
+    def wait_status(self, test_id: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
+        return wait_for(
+            lambda: (t := self.test_info(test_id))["status"] in statuses and t,
+            timeout=timeout,
+            what=f"test {test_id} to become {'/'.join(statuses)}",
+        )
 
     def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
         return httpx.request(method, self.server_url + path, timeout=10, **kw)

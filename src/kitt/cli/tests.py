@@ -164,12 +164,14 @@ def show(test_id: str, server_url: str | None, as_json: bool) -> None:
         click.echo(test.model_dump_json(indent=2))
         return
     style = STATUS_STYLE.get(test.status, "")
-    pending_cancel = test.cancel_requested and test.status not in TERMINAL_STATUSES
+    status = f"[{style}]{test.status}[/]"
+    if test.cancel_requested and test.status not in TERMINAL_STATUSES:
+        status += " (cancel requested)"
     for key, value in (
         ("id", test.id),
         ("agent", test.agent_name),
         ("benchmark", test.benchmark),
-        ("status", f"[{style}]{test.status}[/]" + (" (cancel requested)" if pending_cancel else "")),
+        ("status", status),
         ("params", json.dumps(test.params) if test.params else "-"),
         ("submitted", ago(test.created_at)),
         ("dispatched", ago(test.dispatched_at) if test.dispatched_at else "-"),

@@ -102,10 +102,10 @@ class Dispatcher:
         self.refresh(agent_id)
         return commands
 
-    def _mark_dispatched(self, test: TestRun, how: str) -> bool:
+    def _mark_dispatched(self, test: TestRun, how: str, sent_at: datetime | None = None) -> bool:
         try:
             _, changed = self._tests.transition(
-                test.id, "dispatched", dispatched_at=datetime.now(timezone.utc)
+                test.id, "dispatched", dispatched_at=sent_at or datetime.now(timezone.utc)
             )
         except (IllegalTransitionError, KeyError):
             return False  # cancelled or dispatched meanwhile
@@ -142,6 +142,7 @@ class Dispatcher:
     def _push(self, api: ApiClient, test: TestRun) -> bool:
         """Push one command; False stops pushing to this agent for now."""
         command = command_for(test)
+        sent_at = datetime.now(timezone.utc)
         try:
             api.call("POST", "/api/commands", CommandAccepted, command)
         except ApiError as exc:
@@ -159,7 +160,7 @@ class Dispatcher:
                      test.agent_name, exc, test.id)  # fmt: skip
             return False
         if command.type == "run_test":
-            self._mark_dispatched(test, "push")
+            self._mark_dispatched(test, "push", sent_at)
         return True
 
     def _cancel_unknown_to_agent(self, test: TestRun) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 from kitt.protocol import TERMINAL_STATUSES
 
 ALLOWED: dict[str, frozenset[str]] = {
-    "queued": frozenset({"dispatched", "cancelled"}),
+    # The agent's own "running" (or final) report can overtake the dispatcher recording
+    # that its push was accepted: the report proves the dispatch happened.
+    "queued": frozenset({"dispatched", "running", "completed", "failed", "cancelled"}),
     # A fast job can finish before its "running" report lands; a dispatched test whose
     # agent never took it can be cancelled or lost.
     "dispatched": frozenset({"running", "completed", "failed", "cancelled", "lost"}),

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from kitt.server.lifecycle import check
+from kitt.server.lifecycle import IllegalTransitionError, check
 from kitt.server.store.models import TestRun
 
 ACTIVE = ("dispatched", "running")
@@ -63,6 +63,9 @@ class TestStore:
                 raise KeyError(test_id)
             changed = check(test_id, test.status, wanted)
             if changed:
+                if test.status == "queued" and wanted not in ("dispatched", "cancelled"):
+                    # The agent's report overtook the dispatcher's record of the push.
+                    test.dispatched_at = fields.get("started_at") or fields.get("finished_at")
                 test.status = wanted
                 for key, value in fields.items():
                     if value is not None:
@@ -82,8 +85,8 @@ class TestStore:
                 test.error = "cancelled before it was dispatched"
             elif test.status in ACTIVE:
                 test.cancel_requested = True
-            else:
-                check(test_id, test.status, "cancelled")  # raises: it has already ended
+            else:  # it has already ended, cancelled included
+                raise IllegalTransitionError(test_id, test.status, "cancelled")
             return test
 
     def pending_for(self, agent_id: str) -> list[TestRun]:
