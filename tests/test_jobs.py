@@ -53,8 +53,10 @@ def test_custom_benchmark_runs_and_its_result_is_stored(fleet: Kitt) -> None:
         "model": None,
     }
     assert test["created_at"] <= test["dispatched_at"] <= test["started_at"] <= test["finished_at"]
-    output = (job_dir(fleet, test) / "output.log").read_text().splitlines()
-    assert output[:7] == [f"line {i}" for i in range(7)] and "to stderr" in output
+    text = fleet.api("GET", f"/api/v1/tests/{test_id}/logs", params={"format": "text"}).text
+    assert text.splitlines() == [f"line {i}" for i in range(7)] + ["to stderr"]
+    on_agent = [json.loads(x) for x in (job_dir(fleet, test) / "log.jsonl").read_text().splitlines()]
+    assert [x["seq"] for x in on_agent] == list(range(1, 9))
     shown = fleet.run("test", "show", test_id)
     assert "completed" in shown.stdout and '"lines": 7' in shown.stdout
     listed = fleet.run("test", "list", "--status", "completed")

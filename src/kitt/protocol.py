@@ -267,3 +267,15 @@ class TestInfo(WireModel):
     started_at: datetime | None
     finished_at: datetime | None
     result: dict[str, Any] | None = None
+
+
+class LogLineIn(WireModel):
+    seq: int = Field(ge=1)
+    ts: Annotated[str, StringConstraints(max_length=40)]
+    line: Annotated[str, StringConstraints(max_length=16384)]
+
+
+class LogBatch(WireModel):
+    """``POST /api/v1/agents/<id>/tests/<test_id>/logs``: idempotent by ``seq``."""
+
+    lines: list[LogLineIn] = Field(min_length=1, max_length=5000)

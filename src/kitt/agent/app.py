@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask
 
-from kitt import __version__
+from kitt import __version__, sse
 from kitt.agent.config import AgentConfig
 from kitt.agent.jobs import CommandError, JobManager
+from kitt.agent.log_streamer import End, Gap, LogLine
 from kitt.agent.state import AgentState
-from kitt.jsonapi import ApiFailure, dump, install_json_errors, parse_body
+from kitt.jsonapi import ApiFailure, check_id, dump, install_json_errors, parse_body
 from kitt.protocol import AgentStatusReport, Command, CommandAccepted, Health
+from kitt.sse import resume_after
+
+
+def _frames(command_id: str, items: Iterator[LogLine | Gap | End | None]) -> Iterator[str]:
+    for item in items:
+        if item is None:
+            yield sse.KEEPALIVE
+        elif isinstance(item, LogLine):
+            yield sse.event("log", {"command_id": command_id, **item.as_dict()}, item.seq)
+        elif isinstance(item, Gap):
+            yield sse.event("gap", {"command_id": command_id, "first": item.first,
+                                    "last": item.last, "missed": item.last - item.first + 1,
+                                    "recovered": item.recovered})  # fmt: skip
+        else:
+            yield sse.event("end", {"command_id": command_id, "status": item.status})
 
 
 def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -> Flask:
@@ -26,6 +43,15 @@ def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -
         except CommandError as exc:
             raise ApiFailure(exc.status, str(exc)) from None
         return dump(CommandAccepted(command_id=command.command_id), 202)
+
+    @app.get("/api/logs/<command_id>")
+    def logs(command_id: str) -> Any:
+        check_id(command_id, "command id")
+        log = jobs.logs.get(command_id)
+        if log is None:
+            raise ApiFailure(404, f"no log for command {command_id!r} on this agent")
+        after = resume_after()
+        return sse.stream(_frames(command_id, log.follow(after)))
 
     @app.get("/api/health")
     def health() -> Any:

@@ -53,6 +53,7 @@ class AgentConfig(BaseModel):
     bind: str = "0.0.0.0"
     tls: TlsConfig | None = None
     backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
+    log_buffer_lines: int = Field(default=10_000, ge=100, le=10_000_000)
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
     engines: dict[str, Any] = Field(default_factory=dict)
     benchmarks: dict[BenchmarkName, CustomBenchmark] = Field(default_factory=dict)

@@ -6,7 +6,7 @@ started (SIGTERM to the group, SIGKILL after a grace period). The agent process 
 responsive throughout: a job is a thread that only waits on pipes and the child.
 
 What ran is recorded under ``$KITT_HOME/jobs/<command_id>/`` (``state.json``,
-``output.log``, params and result): that is how a ``command_id`` seen before is
+``log.jsonl``, params and result): that is how a ``command_id`` seen before is
 recognised after a restart, and how a job cut short by ``kill -9`` of the agent is
 reported as failed when the agent comes back.
 """
@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kitt.agent.config import AgentConfig, CustomBenchmark
+from kitt.agent.log_streamer import JobLog, LogLine, LogRegistry
 from kitt.agent.spool import AGENT_ID, Spool
 from kitt.agent.state import AgentState
 from kitt.errors import KittError
@@ -83,6 +84,49 @@ def spool_result(
     spool.put("result", f"/api/v1/agents/{AGENT_ID}/results", body)
 
 
+class LogShipper(threading.Thread):
+    """Batches a job's lines into spooled ``logs`` reports: every 50 ms or 500 lines.
+
+    50 ms keeps a server-side subscriber within ~100 ms of the benchmark (the target for
+    live logs) while a chatty benchmark still costs one report per 500 lines, not per line.
+    """
+
+    INTERVAL_S = 0.05
+    MAX_LINES = 500
+
+    def __init__(self, spool: Spool, test_id: str) -> None:
+        super().__init__(name=f"log-shipper-{test_id}", daemon=True)
+        self._spool = spool
+        self._path = f"/api/v1/agents/{AGENT_ID}/tests/{test_id}/logs"
+        self._pending: list[LogLine] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def add(self, lines: list[LogLine]) -> None:
+        with self._lock:
+            self._pending.extend(lines)
+            full = len(self._pending) >= self.MAX_LINES
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for i in range(0, len(batch), self.MAX_LINES):
+            chunk = batch[i : i + self.MAX_LINES]
+            self._spool.put("logs", self._path, {"lines": [line.as_dict() for line in chunk]})
+
+    def run(self) -> None:
+        while not self._done.wait(self.INTERVAL_S):
+            self.flush()
+
+    def close(self) -> None:
+        """Ship what is left; called before the result is spooled so it arrives first."""
+        self._done.set()
+        self.join(timeout=5)
+        self.flush()
+
+
 class Job(threading.Thread):
     def __init__(
         self,
@@ -92,6 +136,7 @@ class Job(threading.Thread):
         workdir: Path,
         spool: Spool,
         on_end: Callable[[Job], None],
+        log: JobLog,
     ) -> None:
         super().__init__(name=f"job-{command.test_id}", daemon=True)
         self.command = command
@@ -101,6 +146,8 @@ class Job(threading.Thread):
         self.workdir = workdir
         self._spool = spool
         self._on_end = on_end
+        self.log = log
+        self._shipper = LogShipper(spool, command.test_id)
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._stop_reason: str | None = None  # "cancelled" or "timeout"
@@ -140,6 +187,7 @@ class Job(threading.Thread):
         started = _now()
         self._write_state("running", started_at=started)
         self._report_status("running", started_at=started)
+        self._shipper.start()
         status, error, result = "failed", None, None
         try:
             status, error, result = self._execute()
@@ -147,6 +195,8 @@ class Job(threading.Thread):
             log.exception("job for test %s crashed", self.test_id)
             error = f"agent error while running the benchmark: {exc}"
         self.final_status = status
+        self._shipper.close()
+        self.log.finish(status)
         self._write_state(status, started_at=started, finished_at=_now(), error=error)
         spool_result(self._spool, self.command.command_id, self.test_id, status, error, result)
         log.info("test %s %s%s", self.test_id, status, f": {error}" if error else "")
@@ -234,10 +284,8 @@ class Job(threading.Thread):
 
     def _copy_output(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None  # noqa: S101 - Popen was given stdout=PIPE
-        with open(self.workdir / "output.log", "ab") as out:
-            for line in proc.stdout:
-                out.write(line)
-                out.flush()
+        for raw in proc.stdout:
+            self._shipper.add(self.log.append(raw))
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -263,6 +311,7 @@ class JobManager:
         self._spool = spool
         self._lock = threading.Lock()
         self._current: Job | None = None
+        self.logs = LogRegistry()
 
     @property
     def current(self) -> Job | None:
@@ -294,7 +343,9 @@ class JobManager:
             if self._current is not None:
                 raise CommandError(409, f"busy: running test {self._current.test_id}")
             ensure_dir(workdir, PRIVATE_DIR)
-            job = Job(command, payload, benchmark, workdir, self._spool, self._ended)
+            log_ = JobLog(workdir / "log.jsonl", self._config.log_buffer_lines)
+            self.logs.add(command.command_id, log_)
+            job = Job(command, payload, benchmark, workdir, self._spool, self._ended, log_)
             self._current = job
             self._state.set_task("running", command.test_id)
         job.start()

@@ -12,8 +12,10 @@ from kitt.protocol import Health
 from kitt.server.api import agent_channel, fleet
 from kitt.server.api import tests as tests_api
 from kitt.server.dispatcher import Dispatcher
+from kitt.server.events import EventHub
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter
+from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
 
 
@@ -23,6 +25,8 @@ def create_app(
     heartbeats: HeartbeatWriter,
     tests: TestStore,
     dispatcher: Dispatcher,
+    logs: LogStore,
+    events: EventHub,
 ) -> Flask:
     app = Flask("kitt.server")
     install_json_errors(app)
@@ -31,6 +35,8 @@ def create_app(
     app.extensions["kitt.heartbeats"] = heartbeats
     app.extensions["kitt.tests"] = tests
     app.extensions["kitt.dispatcher"] = dispatcher
+    app.extensions["kitt.logs"] = logs
+    app.extensions["kitt.events"] = events
 
     @app.get("/api/v1/health")
     def health() -> Any:

@@ -15,10 +15,12 @@ from kitt.http import WsgiServer
 from kitt.paths import ensure_dir, write_private
 from kitt.server.app import create_app
 from kitt.server.dispatcher import Dispatcher
+from kitt.server.events import EventHub
 from kitt.server.reaper import Reaper
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter, heartbeat_writer
 from kitt.server.store.db import make_engine, migrate, sqlite_url
+from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
 
 log = logging.getLogger(__name__)
@@ -54,13 +56,22 @@ class ServerDaemon:
         self._http.bind()  # a port clash fails the start before the database is touched
         self._engine = open_database(self.settings)
         store = AgentStore(self._engine)
-        tests = TestStore(self._engine)
+        events = EventHub()
+        tests = TestStore(self._engine, on_change=events.notify)
         self._heartbeats = heartbeat_writer(store)
         self._heartbeats.start()
         self._dispatcher = Dispatcher(tests, store)
         self._dispatcher.start()
         self._http.set_app(
-            create_app(self.settings, store, self._heartbeats, tests, self._dispatcher)
+            create_app(
+                self.settings,
+                store,
+                self._heartbeats,
+                tests,
+                self._dispatcher,
+                LogStore(self._engine),
+                events,
+            )
         )
         self._http.start()
         self._reaper = Reaper(store, tests, self.settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timezone
 from typing import Any
 
@@ -12,16 +13,19 @@ from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
 from kitt.protocol import (
     Heartbeat,
     HeartbeatResponse,
+    LogBatch,
     RegisterRequest,
     RegisterResponse,
     ResultReport,
     TestStatusReport,
 )
 from kitt.server.dispatcher import Dispatcher
+from kitt.server.events import EventHub
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, BeatRecord, HeartbeatWriter
 from kitt.server.store.group_commit import WriterStoppedError
+from kitt.server.store.logs import LogStore
 from kitt.server.store.models import TestRun
 from kitt.server.store.tests import TestStore
 
@@ -114,6 +118,21 @@ def test_status(agent_id: str, test_id: str) -> Any:
         fields["finished_at"] = report.finished_at or now
     updated, changed = _apply(test, report.status, **fields)
     return jsonify(ack=True, test_id=test_id, status=updated.status, changed=changed)
+
+
+@bp.post("/<agent_id>/tests/<test_id>/logs")
+def test_logs(agent_id: str, test_id: str) -> Any:
+    test = _own_test(agent_id, test_id)
+    batch = parse_body(LogBatch)
+    seqs = [line.seq for line in batch.lines]
+    if any(b <= a for a, b in itertools.pairwise(seqs)):
+        raise ApiFailure(400, "log lines in a batch must have strictly increasing seq numbers")
+    logs: LogStore = current_app.extensions["kitt.logs"]
+    stored = logs.ingest(test.id, [line.model_dump() for line in batch.lines])
+    if stored:
+        hub: EventHub = current_app.extensions["kitt.events"]
+        hub.notify(test.id)
+    return jsonify(ack=True, stored=stored, last_seq=seqs[-1])
 
 
 @bp.post("/<agent_id>/results")

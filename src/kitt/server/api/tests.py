@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from kitt import sse
 from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
-from kitt.protocol import ANY_AGENT, TestInfo, TestRequest
+from kitt.protocol import ANY_AGENT, TERMINAL_STATUSES, TestInfo, TestRequest
 from kitt.server.dispatcher import Dispatcher
+from kitt.server.events import EventHub
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.store.agents import AgentStore
+from kitt.server.store.logs import LogStore
 from kitt.server.store.models import Agent, TestRun
 from kitt.server.store.tests import TestStore
+from kitt.sse import resume_after
 
 bp = Blueprint("tests", __name__, url_prefix="/api/v1/tests")
 
+PAGE = 1000
+KEEPALIVE_S = 15.0
 STATUSES = ("queued", "dispatched", "running", "completed", "failed", "cancelled", "lost")
 
 
@@ -131,6 +138,53 @@ def _get(test_id: str) -> TestRun:
 @bp.get("/<test_id>")
 def show(test_id: str) -> Any:
     return dump(info(_get(test_id)))
+
+
+@bp.get("/<test_id>/logs")
+def logs(test_id: str) -> Any:
+    """SSE (stored lines, then live; ``Last-Event-ID`` resumes), or ``?format=text``."""
+    test = _get(test_id)
+    store: LogStore = current_app.extensions["kitt.logs"]
+    if request.args.get("format") == "text":
+        return Response(_text(store, test.id), mimetype="text/plain; charset=utf-8")
+    after = resume_after()
+    hub: EventHub = current_app.extensions["kitt.events"]
+    return sse.stream(_log_frames(store, _tests(), hub, test.id, after))
+
+
+def _text(store: LogStore, test_id: str) -> Iterator[str]:
+    after = 0
+    while rows := store.read(test_id, after, PAGE):
+        yield "".join(f"{r.line}\n" for r in rows)
+        after = rows[-1].seq
+
+
+def _log_frames(
+    store: LogStore, tests: TestStore, hub: EventHub, test_id: str, after: int
+) -> Iterator[str]:
+    wake = hub.subscribe(test_id)  # before the first read: nothing can slip in between
+    try:
+        while True:
+            wake.clear()
+            rows = store.read(test_id, after, PAGE)
+            for r in rows:
+                yield sse.event(
+                    "log", {"test_id": test_id, "seq": r.seq, "ts": r.ts, "line": r.line}, r.seq
+                )
+            if rows:
+                after = rows[-1].seq
+                continue
+            test = tests.get(test_id)
+            # Agents ship every line before the final report, so once the test has ended
+            # and a read finds nothing newer, the log is complete.
+            if test is None or test.status in TERMINAL_STATUSES:
+                status = test.status if test else "deleted"
+                yield sse.event("end", {"test_id": test_id, "status": status, "last_seq": after})
+                return
+            if not wake.wait(KEEPALIVE_S):
+                yield sse.KEEPALIVE
+    finally:
+        hub.unsubscribe(test_id, wake)
 
 
 @bp.post("/<test_id>/cancel")

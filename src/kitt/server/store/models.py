@@ -134,3 +134,17 @@ class TestRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     result: Mapped[dict[str, Any] | None] = mapped_column(JsonText)
+
+
+class TestLogLine(Base):
+    """One line of a test's log; (test_id, seq) makes re-delivered batches harmless."""
+
+    __tablename__ = "test_logs"
+    __test__ = False
+
+    test_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("tests.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[str] = mapped_column(String(40))
+    line: Mapped[str] = mapped_column(Text)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,8 +27,10 @@ def new_command_id() -> str:
 class TestStore:
     __test__ = False
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_change: Callable[[str], None] | None = None) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        # Told the test id after every committed state change (live streams wake on it).
+        self._on_change = on_change or (lambda _test_id: None)
 
     def create(self, **fields: Any) -> TestRun:
         test = TestRun(id=new_test_id(), command_id=new_command_id(), status="queued", **fields)
@@ -70,7 +72,9 @@ class TestStore:
                 for key, value in fields.items():
                     if value is not None:
                         setattr(test, key, value)
-            return test, changed
+        if changed:
+            self._on_change(test_id)
+        return test, changed
 
     def request_cancel(self, test_id: str, now: datetime) -> TestRun:
         """Cancel a queued test outright; flag an active one for its agent to stop."""
@@ -87,7 +91,8 @@ class TestStore:
                 test.cancel_requested = True
             else:  # it has already ended, cancelled included
                 raise IllegalTransitionError(test_id, test.status, "cancelled")
-            return test
+        self._on_change(test_id)
+        return test
 
     def pending_for(self, agent_id: str) -> list[TestRun]:
         """Work for one agent: queued tests (oldest first) and active tests to cancel."""

@@ -1,0 +1,40 @@
+"""Test log lines: idempotent ingestion by sequence number, and reads in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+from sqlalchemy import Engine, Table, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from kitt.server.store.models import TestLogLine
+
+_LOGS = cast(Table, TestLogLine.__table__)
+
+
+class LogStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        # Re-delivered batches (the agent sends at least once) hit existing keys: skip them.
+        self._insert = dialect.insert(_LOGS).on_conflict_do_nothing()
+
+    def ingest(self, test_id: str, lines: Sequence[dict[str, Any]]) -> int:
+        """Store lines; returns how many were new."""
+        if not lines:
+            return 0
+        rows = [{"test_id": test_id, **line} for line in lines]
+        with self.engine.begin() as conn:
+            result = conn.execute(self._insert, rows)
+        return max(result.rowcount, 0)
+
+    def read(self, test_id: str, after: int, limit: int = 1000) -> list[TestLogLine]:
+        query = (
+            select(TestLogLine)
+            .where(TestLogLine.test_id == test_id, TestLogLine.seq > after)
+            .order_by(TestLogLine.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [TestLogLine(**row._mapping) for row in conn.execute(query)]
