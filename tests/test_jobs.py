@@ -55,7 +55,9 @@ def test_custom_benchmark_runs_and_its_result_is_stored(fleet: Kitt) -> None:
     assert test["created_at"] <= test["dispatched_at"] <= test["started_at"] <= test["finished_at"]
     text = fleet.api("GET", f"/api/v1/tests/{test_id}/logs", params={"format": "text"}).text
     assert text.splitlines() == [f"line {i}" for i in range(7)] + ["to stderr"]
-    on_agent = [json.loads(x) for x in (job_dir(fleet, test) / "log.jsonl").read_text().splitlines()]
+    on_agent = [
+        json.loads(x) for x in (job_dir(fleet, test) / "log.jsonl").read_text().splitlines()
+    ]
     assert [x["seq"] for x in on_agent] == list(range(1, 9))
     shown = fleet.run("test", "show", test_id)
     assert "completed" in shown.stdout and '"lines": 7' in shown.stdout

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import httpx_sse
 
 from kitt.apiclient import ApiClient
-from kitt.errors import KittError
-from kitt.http import build_client
+from kitt.errors import ApiError, KittError
+from kitt.http import build_client, error_message
 from kitt.paths import ServerPaths
 from kitt.protocol import AgentDetail, AgentSummary, HeartbeatRecord, TestInfo, TestRequest
 from kitt.urls import validate_server_url
@@ -67,6 +70,35 @@ class FleetClient:
                                    if v is not None})  # fmt: skip
         body: Any = self._api.json("GET", f"/api/v1/tests?{query}")
         return [TestInfo.model_validate(t) for t in body["tests"]]
+
+    def log_events(self, test_id: str, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The test's log as (event, data) pairs over SSE; resumes after a dropped connection."""
+        last = after
+        while True:
+            headers = {"Last-Event-ID": str(last)} if last else {}
+            try:
+                with httpx_sse.connect_sse(
+                    self._api.http, "GET", f"/api/v1/tests/{test_id}/logs",
+                    headers=headers, timeout=httpx.Timeout(10, read=60),
+                ) as source:  # fmt: skip
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        raise ApiError(source.response.status_code, error_message(source.response))
+                    for sse in source.iter_sse():
+                        if not sse.data:
+                            continue  # the retry hint carries no data
+                        data = sse.json()
+                        if sse.event == "log":
+                            last = int(data["seq"])
+                        yield sse.event, data
+                        if sse.event == "end":
+                            return
+            except httpx.TransportError:
+                time.sleep(1)  # a blip: reconnect and resume after the last line seen
+
+    def log_text(self, test_id: str) -> list[str]:
+        response = self._api.request("GET", f"/api/v1/tests/{test_id}/logs?format=text")
+        return response.text.splitlines()
 
     def cancel(self, test_id: str) -> TestInfo:
         return self._api.call("POST", f"/api/v1/tests/{test_id}/cancel", TestInfo)

@@ -10,7 +10,6 @@ from rich.table import Table
 
 from kitt.cli.agents import server_option
 from kitt.cli.common import KittGroup, ago, console, human_duration
-from kitt.errors import KittError
 from kitt.fleet_client import FleetClient, resolve_server_url
 from kitt.protocol import TERMINAL_STATUSES, ParamValue, TestInfo, TestRequest
 
@@ -95,20 +94,14 @@ def run(
 
 
 def _follow(fleet: FleetClient, test: TestInfo, quiet: bool) -> TestInfo:
-    last = test.status
+    """Stream the log live (a spinner shows state and elapsed time) until the test ends."""
     start = time.monotonic()
     with console.status(f"{test.id}: {test.status}", spinner="dots") as spinner:
-        while test.status not in TERMINAL_STATUSES:
-            time.sleep(0.5)
-            try:
-                test = fleet.test(test.id)
-            except KittError as exc:
-                spinner.update(f"{test.id}: {test.status} (server unreachable: {exc}; retrying)")
-                continue
-            if test.status != last and not quiet:
-                console.print(f"{test.id}: {test.status}")
-                last = test.status
-            spinner.update(f"{test.id}: {test.status}, {human_duration(time.monotonic() - start)}")
+        for name, data in fleet.log_events(test.id):
+            if name == "log" and not quiet:
+                console.out(data["line"], highlight=False)
+            spinner.update(f"{test.id}: running, {human_duration(time.monotonic() - start)}")
+    test = fleet.test(test.id)
     if not quiet:
         _print_outcome(test)
     return test
@@ -184,6 +177,26 @@ def show(test_id: str, server_url: str | None, as_json: bool) -> None:
     if test.result is not None:
         console.print("     result:")
         console.print_json(json.dumps(test.result))
+
+
+@test_group.command()
+@click.argument("test_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the test ends.")
+@server_option
+def logs(test_id: str, follow: bool, server_url: str | None) -> None:
+    """Print a test's log (stored lines; with --follow, live until the test ends)."""
+    with FleetClient(resolve_server_url(server_url)) as fleet:
+        if not follow:
+            for line in fleet.log_text(test_id):
+                click.echo(line)
+            return
+        status = "unknown"
+        for name, data in fleet.log_events(test_id):
+            if name == "log":
+                click.echo(data["line"])
+            elif name == "end":
+                status = data["status"]
+    raise SystemExit(EXIT_BY_STATUS.get(status, 1))
 
 
 @test_group.command()
