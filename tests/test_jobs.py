@@ -110,13 +110,7 @@ def test_cancel_kills_the_whole_process_group(fleet: Kitt) -> None:
     done = fleet.wait_status(test["id"], "cancelled")
     assert done["error"] == "cancelled by request"
 
-    def gone(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    wait_for(lambda: all(gone(p) for p in pids.values()), timeout=15, what="grandchild killed too")
+    wait_for(lambda: all(_gone(p) for p in pids.values()), timeout=15, what="grandchild killed too")
     again = fleet.run("test", "cancel", test["id"])
     assert again.returncode == 1 and "has already ended (cancelled)" in again.stderr
 
@@ -248,17 +242,58 @@ def test_result_survives_server_outage(fleet: Kitt) -> None:
     wait_for(lambda: not list((fleet.home / "spool").glob("*.json")), what="spool drained")
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_agent_killed_mid_test_is_lost_then_reported_failed_on_restart(fleet: Kitt) -> None:
-    params, release, _pids_file = hold_params(fleet, "kill9")
+    params, _release, pids_file = hold_params(fleet, "kill9")
     test = fleet.submit("hold", **params)
     fleet.wait_status(test["id"], "running")
+    pids = wait_for(lambda: pids_file.exists() and json.loads(pids_file.read_text()), what="pids")
     pid = fleet.pid_of("agent")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     lost = fleet.wait_status(test["id"], "lost", timeout=20)
-    assert "offline" in lost["error"]
-    release.touch()  # let the orphaned benchmark end on its own
+    assert "sent no heartbeat for over 2 s" in lost["error"]
+    assert not any(_gone(p) for p in pids.values())  # the benchmark outlived its agent
     fleet.run("agent", "start", check=True)
     failed = fleet.wait_status(test["id"], "failed")
     assert "agent restarted while the test was running" in failed["error"]
+    # The restarted agent ended the orphaned benchmark and its child.
+    wait_for(lambda: all(_gone(p) for p in pids.values()), what="orphaned benchmark killed")
     assert fleet.agent("gpu-01")["status"] == "idle"
+
+
+def test_removing_an_agent_closes_its_open_tests(fleet: Kitt) -> None:
+    params, release, _pids = hold_params(fleet, "rm")
+    running = fleet.submit("hold", **params)
+    fleet.wait_status(running["id"], "running")
+    queued = fleet.submit("lines")
+    removed = fleet.run("agents", "remove", "gpu-01", "--yes")
+    assert removed.returncode == 0
+    assert fleet.test_info(running["id"])["status"] == "lost"
+    assert fleet.test_info(queued["id"])["status"] == "cancelled"
+    assert fleet.test_info(queued["id"])["error"] == "its agent was removed"
+    release.touch()
+
+
+def test_cli_rejects_bad_parameters_without_a_traceback(fleet: Kitt) -> None:
+    bad_key = fleet.run(
+        "test", "run", "--agent", "gpu-01", "--benchmark", "lines", "--param", "9bad=1"
+    )
+    assert bad_key.returncode == 2 and "params.9bad" in bad_key.stderr
+    bad_name = fleet.run("test", "run", "--agent", "gpu-01", "--benchmark", "no/slash")
+    assert bad_name.returncode == 2 and "benchmark" in bad_name.stderr
+    no_eq = fleet.run(
+        "test", "run", "--agent", "gpu-01", "--benchmark", "lines", "--param", "novalue"
+    )
+    assert no_eq.returncode == 2 and "KEY=VALUE" in no_eq.stderr
+    for result in (bad_key, bad_name, no_eq):
+        assert "Traceback" not in result.stderr
+    nan = fleet.run("test", "run", "--agent", "gpu-01", "--benchmark", "lines", "--param", "x=NaN",
+                    "--json")  # fmt: skip
+    assert json.loads(nan.stdout)["params"] == {"x": "NaN"}

@@ -139,6 +139,15 @@ def test_follow_streams_a_running_test_live(fleet: Kitt, tmp_path: Path) -> None
     assert "00000029 " in out and "completed" in out
 
 
+def test_long_lines_are_batched_under_the_body_limit(fleet: Kitt) -> None:
+    test = fleet.submit("spew", LINES=1200, WIDTH=4000)
+    fleet.wait_status(test["id"], "completed")
+    text = fleet.api("GET", f"/api/v1/tests/{test['id']}/logs", params={"format": "text"}).text
+    lines = text.splitlines()
+    assert len(lines) == 1200 and lines[-1].startswith("00001199 ")
+    assert not (fleet.home / "spool" / "rejected").exists()
+
+
 def test_log_batches_are_checked_and_idempotent(fleet: Kitt) -> None:
     test = fleet.submit("spew", LINES=3)
     fleet.wait_status(test["id"], "completed")

@@ -19,6 +19,7 @@ from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, BeatRecord
 from kitt.server.store.db import make_engine, migrate, sqlite_url
 from kitt.server.store.group_commit import GroupCommit, WriterStoppedError
+from kitt.server.store.models import TestRun
 from kitt.server.store.tests import TestStore
 from kitt.urls import validate_server_url
 
@@ -116,7 +117,7 @@ def test_reaper_marks_silent_agents_offline_and_prunes_old_history(tmp_path: Pat
     settings = ServerSettings(
         paths=ServerPaths(tmp_path), heartbeat_interval_s=30, heartbeat_retention_s=24 * 3600
     )
-    Reaper(store, TestStore(store.engine), settings).tick()
+    Reaper(store, TestStore(store.engine), settings, started=now - timedelta(days=1)).tick()
     states = {a.name: a.online for a in store.list_agents()}
     assert states == {"old": False, "fresh": True}  # 100 s > 3 x 30 s of silence
     history = store.heartbeats(old, None, 100)
@@ -136,3 +137,57 @@ def test_unknown_agent_in_a_batch_does_not_sink_the_others(tmp_path: Path) -> No
     ) == [False, True]
     agent = store.find("k")
     assert agent is not None and agent.status == "running" and agent.current_task == "t1"
+
+
+def test_reaper_gives_agents_their_allowance_after_a_server_restart(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    now = datetime.now(timezone.utc)
+    agent, _ = store.register(
+        RegisterRequest(name="a", hostname="h", port=1, kitt_version="x"),
+        None,
+        now - timedelta(hours=1),
+    )
+    store.record_heartbeats(
+        [BeatRecord(agent, now - timedelta(hours=1), Heartbeat(status="idle", uptime_s=1))]
+    )
+    settings = ServerSettings(paths=ServerPaths(tmp_path), heartbeat_interval_s=30)
+    Reaper(store, TestStore(store.engine), settings, started=now).tick()  # the server just started
+    assert [a.online for a in store.list_agents()] == [True]
+    Reaper(store, TestStore(store.engine), settings, started=now - timedelta(hours=1)).tick()
+    assert [a.online for a in store.list_agents()] == [False]
+
+
+def test_unconfirmed_dispatch_is_sent_again_on_an_idle_heartbeat(tmp_path: Path) -> None:
+    from kitt.server.dispatcher import REDELIVER_AFTER_S, Dispatcher
+
+    store = _store(tmp_path)
+    tests = TestStore(store.engine)
+    now = datetime.now(timezone.utc)
+    agent, _ = store.register(
+        RegisterRequest(name="a", hostname="h", port=1, kitt_version="x", capabilities=["b"]),
+        None,
+        now,
+    )
+    test = tests.create(
+        agent_id=agent,
+        agent_name="a",
+        benchmark="b",
+        engine=None,
+        model=None,
+        params={},
+        created_at=now,
+    )
+    dispatcher = Dispatcher(tests, store)
+    dispatcher.wake(agent)  # as a submit would (the worker thread is not started here)
+    first = dispatcher.for_heartbeat(agent, "idle")
+    assert [(c["type"], c["command_id"]) for c in first] == [("run_test", test.command_id)]
+    assert dispatcher.for_heartbeat(agent, "idle") == []  # just sent: not yet
+    with tests.sessions.begin() as s:  # as if it had been sent a while ago
+        row = s.get(TestRun, test.id)
+        assert row is not None and row.status == "dispatched"
+        row.dispatched_at = now - timedelta(seconds=REDELIVER_AFTER_S + 1)
+    again = dispatcher.for_heartbeat(agent, "idle")
+    assert [c["command_id"] for c in again] == [test.command_id]  # the response was lost: resend
+    assert dispatcher.for_heartbeat(agent, "running") == []  # never to a busy agent
+    tests.transition(test.id, "running", started_at=now)
+    assert dispatcher.for_heartbeat(agent, "idle") == []

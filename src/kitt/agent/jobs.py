@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydantic import ValidationError
 
 from kitt.agent.config import AgentConfig, CustomBenchmark
@@ -84,6 +85,11 @@ def spool_result(
     spool.put("result", f"/api/v1/agents/{AGENT_ID}/results", body)
 
 
+def _wire_size(line: LogLine) -> int:
+    """Bytes a line takes in a JSON batch (escaping of non-ASCII text included)."""
+    return len(json.dumps(line.line)) + 64
+
+
 class LogShipper(threading.Thread):
     """Batches a job's lines into spooled ``logs`` reports: every 50 ms or 500 lines.
 
@@ -93,28 +99,41 @@ class LogShipper(threading.Thread):
 
     INTERVAL_S = 0.05
     MAX_LINES = 500
+    # Well under the server's 1 MiB body limit even after JSON escaping (a line may be up
+    # to 8,192 characters, so 500 long lines would be ~4 MiB).
+    MAX_BYTES = 256 * 1024
 
     def __init__(self, spool: Spool, test_id: str) -> None:
         super().__init__(name=f"log-shipper-{test_id}", daemon=True)
         self._spool = spool
         self._path = f"/api/v1/agents/{AGENT_ID}/tests/{test_id}/logs"
         self._pending: list[LogLine] = []
+        self._pending_bytes = 0
         self._lock = threading.Lock()
         self._done = threading.Event()
 
     def add(self, lines: list[LogLine]) -> None:
         with self._lock:
             self._pending.extend(lines)
-            full = len(self._pending) >= self.MAX_LINES
+            self._pending_bytes += sum(_wire_size(line) for line in lines)
+            full = len(self._pending) >= self.MAX_LINES or self._pending_bytes >= self.MAX_BYTES
         if full:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
-            batch, self._pending = self._pending, []
-        for i in range(0, len(batch), self.MAX_LINES):
-            chunk = batch[i : i + self.MAX_LINES]
-            self._spool.put("logs", self._path, {"lines": [line.as_dict() for line in chunk]})
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+        chunk: list[dict[str, object]] = []
+        size = 0
+        for line in batch:
+            cost = _wire_size(line)
+            if chunk and (len(chunk) >= self.MAX_LINES or size + cost > self.MAX_BYTES):
+                self._spool.put("logs", self._path, {"lines": chunk})
+                chunk, size = [], 0
+            chunk.append(line.as_dict())
+            size += cost
+        if chunk:
+            self._spool.put("logs", self._path, {"lines": chunk})
 
     def run(self) -> None:
         while not self._done.wait(self.INTERVAL_S):
@@ -150,8 +169,9 @@ class Job(threading.Thread):
         self._shipper = LogShipper(spool, command.test_id)
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
-        self._stop_reason: str | None = None  # "cancelled" or "timeout"
+        self._stop_reason: str | None = None  # "cancelled", "shutdown" or "timeout"
         self.final_status: str | None = None
+        self._started_at = ""
 
     # -- control -------------------------------------------------------------------------
 
@@ -184,7 +204,7 @@ class Job(threading.Thread):
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        started = _now()
+        started = self._started_at = _now()
         self._write_state("running", started_at=started)
         self._report_status("running", started_at=started)
         self._shipper.start()
@@ -204,6 +224,7 @@ class Job(threading.Thread):
 
     def _execute(self) -> tuple[str, str | None, dict[str, Any] | None]:
         result_file = self._result_path()
+        result_file.unlink(missing_ok=True)  # an absolute path may hold a previous run's result
         params_file = self.workdir / "params.json"
         write_private(params_file, json.dumps(self.payload.params))
         env = dict(os.environ)
@@ -222,7 +243,7 @@ class Job(threading.Thread):
         if self.payload.model:
             env["KITT_MODEL"] = self.payload.model
         with self._lock:
-            if self._stop_reason == "cancelled":
+            if self._stop_reason in ("cancelled", "shutdown"):
                 return "cancelled", "cancelled before it started", None
             try:
                 # argv from the agent's own config, never from the network, and no shell.
@@ -238,6 +259,10 @@ class Job(threading.Thread):
             except OSError as exc:
                 return "failed", f"cannot start {self.benchmark.command[0]!r}: {exc.strerror}", None
         proc = self._proc
+        # Recorded so that an agent restarted after kill -9 can end an orphaned benchmark.
+        with contextlib.suppress(psutil.Error):
+            self._write_state("running", started_at=self._started_at, pgid=proc.pid,
+                              pgid_started=psutil.Process(proc.pid).create_time())  # fmt: skip
         timer = threading.Timer(self.benchmark.timeout_s, self.cancel, args=("timeout",))
         timer.daemon = True
         timer.start()
@@ -252,6 +277,8 @@ class Job(threading.Thread):
             reason = self._stop_reason
         if reason == "cancelled":
             return "cancelled", "cancelled by request", None
+        if reason == "shutdown":
+            return "cancelled", "cancelled: the agent was stopped", None
         if reason == "timeout":
             return "failed", f"timed out after {self.benchmark.timeout_s:g} s", None
         if code != 0:
@@ -299,6 +326,21 @@ class Job(threading.Thread):
         write_private(self.workdir / "state.json", json.dumps(state))
 
 
+def _kill_orphan(state: dict[str, Any]) -> None:
+    """End a benchmark whose agent died under it, if that very process group still runs."""
+    pgid, started = state.get("pgid"), state.get("pgid_started")
+    if not isinstance(pgid, int) or started is None:
+        return
+    try:
+        same = abs(psutil.Process(pgid).create_time() - float(started)) < 0.01
+    except psutil.Error:
+        return
+    if same:
+        log.warning("killing the orphaned benchmark process group %d", pgid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 class JobManager:
     """Accepts commands (from a push or a heartbeat) and runs at most one job at a time."""
 
@@ -311,6 +353,7 @@ class JobManager:
         self._spool = spool
         self._lock = threading.Lock()
         self._current: Job | None = None
+        self._closing = False
         self.logs = LogRegistry()
 
     @property
@@ -322,6 +365,10 @@ class JobManager:
         """Take a command. True when it is new, False for a duplicate; raises CommandError."""
         if command.type == "cancel":
             return self._cancel(command)
+        if (self._dir / command.command_id).exists():
+            return False  # seen before (possibly before a restart): at-least-once delivery
+        if self._closing:
+            raise CommandError(409, "the agent is shutting down")
         try:
             payload = RunTestPayload.model_validate(command.payload)
         except ValidationError as exc:
@@ -335,11 +382,9 @@ class JobManager:
                 400, f"unknown benchmark {payload.benchmark!r} (this agent offers: {offered})"
             )
         with self._lock:
-            if self._current is not None and self._current.command.command_id == command.command_id:
-                return False
             workdir = self._dir / command.command_id
             if workdir.exists():
-                return False  # seen before (possibly before a restart): at-least-once delivery
+                return False
             if self._current is not None:
                 raise CommandError(409, f"busy: running test {self._current.test_id}")
             ensure_dir(workdir, PRIVATE_DIR)
@@ -382,6 +427,7 @@ class JobManager:
             if state.get("status") != "running":
                 continue
             error = f"agent restarted while the test was running (previous pid {state.get('pid')})"
+            _kill_orphan(state)
             spool_result(self._spool, state["command_id"], state["test_id"], "failed", error)
             state.update(status="failed", error=error, finished_at=_now())
             write_private(state_file, json.dumps(state))
@@ -392,11 +438,13 @@ class JobManager:
         return count
 
     def shutdown(self, timeout: float) -> None:
-        """Cancel the running job (if any) and wait for it to report."""
-        job = self.current
+        """Take no new work; cancel the running job (if any) and wait for it to report."""
+        with self._lock:
+            self._closing = True
+            job = self._current
         if job is None:
             return
-        job.cancel("cancelled")
+        job.cancel("shutdown")
         job.join(timeout)
         if job.is_alive():
             log.error("test %s did not stop within %g s", job.test_id, timeout)

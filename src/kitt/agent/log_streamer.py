@@ -10,6 +10,7 @@ benchmark nor silently misses lines.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -56,7 +57,8 @@ def split_line(raw: bytes) -> list[str]:
 class JobLog:
     def __init__(self, path: Path, buffer_lines: int = DEFAULT_BUFFER_LINES) -> None:
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
         self._buffer: deque[LogLine] = deque(maxlen=buffer_lines)
         self._cond = threading.Condition()
         self._next_seq = 1
@@ -87,19 +89,16 @@ class JobLog:
             self._file.close()
             self._cond.notify_all()
 
-    def _from_disk(self, first: int, last: int) -> list[LogLine]:
-        out = []
+    def _disk_lines(self, first: int) -> Iterator[LogLine]:
+        """Lines from ``first`` to the end of the on-disk log (written before the buffer)."""
         try:
             with open(self.path, encoding="utf-8") as fh:
                 for raw in fh:
                     entry = json.loads(raw)
-                    if entry["seq"] > last:
-                        break
                     if entry["seq"] >= first:
-                        out.append(LogLine(entry["seq"], entry["ts"], entry["line"]))
+                        yield LogLine(entry["seq"], entry["ts"], entry["line"])
         except (OSError, ValueError):
-            return []
-        return out
+            return
 
     def follow(
         self, after: int = 0, keepalive_s: float = 15.0, follow: bool = True
@@ -115,10 +114,12 @@ class JobLog:
                 status = self.status
                 newest = self._next_seq - 1
             if next_seq < oldest and next_seq <= newest:
-                recovered = self._from_disk(next_seq, oldest - 1)
-                yield Gap(next_seq, oldest - 1, recovered=bool(recovered))
-                yield from recovered
-                next_seq = oldest
+                # Catch up from disk in one pass (to its current end), not gap by gap.
+                yield Gap(next_seq, oldest - 1, recovered=self.path.exists())
+                for line in self._disk_lines(next_seq):
+                    yield line
+                    next_seq = line.seq + 1
+                next_seq = max(next_seq, oldest)
                 continue
             if available:
                 yield from available

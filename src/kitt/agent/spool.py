@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,12 @@ class Spool:
         return sorted(p for p in self.directory.glob("*.json") if p.name[0].isdigit())
 
     def reject(self, item: Path) -> None:
+        """Set an item aside; a unique name, because sequence numbers restart after a restart."""
         ensure_dir(self.rejected, PRIVATE_DIR)
-        os.replace(item, self.rejected / item.name)
+        os.replace(
+            item,
+            self.rejected / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{item.name}",
+        )
 
 
 class SpoolSender(threading.Thread):

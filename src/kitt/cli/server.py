@@ -64,7 +64,7 @@ def _paths(data_dir: Path | None) -> ServerPaths:
     type=Duration(),
     default="5m",
     show_default=True,
-    help="A running test whose agent is offline this long becomes 'lost'.",
+    help="A dispatched or running test whose agent sends no heartbeat this long is 'lost'.",
 )
 @click.option(
     "--log-level",

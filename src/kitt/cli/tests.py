@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import click
+from pydantic import ValidationError
 from rich.table import Table
 
 from kitt.cli.agents import server_option
 from kitt.cli.common import KittGroup, ago, console, human_duration
 from kitt.fleet_client import FleetClient, resolve_server_url
-from kitt.protocol import TERMINAL_STATUSES, ParamValue, TestInfo, TestRequest
+from kitt.protocol import (
+    TERMINAL_STATUSES,
+    ParamValue,
+    TestInfo,
+    TestRequest,
+    describe_validation_error,
+)
 
 STATUS_STYLE = {
     "queued": "white", "dispatched": "blue", "running": "cyan", "completed": "green",
@@ -29,6 +37,8 @@ def parse_param(text: str) -> tuple[str, ParamValue]:
         value = json.loads(raw)
     except ValueError:
         return key, raw
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, raw  # NaN / Infinity are not JSON: keep the text
     if isinstance(value, (int, float, bool)) or value is None:
         return key, value
     return key, raw
@@ -77,10 +87,13 @@ def run(
     as_json: bool,
 ) -> None:
     """Submit a test. With --follow, exit 0 completed, 1 failed, 4 cancelled, 5 lost."""
-    request = TestRequest(
-        agent=agent, benchmark=benchmark, engine=engine, model=model, gpu=gpu,
-        params=dict(parse_param(p) for p in params),
-    )  # fmt: skip
+    try:
+        request = TestRequest(
+            agent=agent, benchmark=benchmark, engine=engine, model=model, gpu=gpu,
+            params=dict(parse_param(p) for p in params),
+        )  # fmt: skip
+    except ValidationError as exc:
+        raise click.UsageError(describe_validation_error(exc)) from None
     with FleetClient(resolve_server_url(server_url)) as fleet:
         test = fleet.submit(request)
         if not as_json:

@@ -32,6 +32,9 @@ from kitt.server.store.tests import TestStore
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 5.0
+# A test still "dispatched" this long after it was sent never reached its agent (the
+# heartbeat response carrying it was lost): the next idle heartbeat carries it again.
+REDELIVER_AFTER_S = 10.0
 
 
 def cancel_command_id(test: TestRun) -> str:
@@ -90,7 +93,14 @@ class Dispatcher:
             if agent_id not in self._pending:
                 return []
         commands = []
+        now = datetime.now(timezone.utc)
         for test in self._tests.pending_for(agent_id):
+            if test.status == "dispatched" and not test.cancel_requested:
+                sent = test.dispatched_at or now
+                if agent_status == "idle" and (now - sent).total_seconds() > REDELIVER_AFTER_S:
+                    log.info("re-sending test %s to %s (never confirmed)", test.id, test.agent_name)
+                    commands.append(command_for(test).model_dump(mode="json"))
+                continue
             if test.status == "queued":
                 if agent_status != "idle" or self._tests.has_active(agent_id):
                     continue
@@ -129,10 +139,13 @@ class Dispatcher:
         agent = self._agents.find(agent_id)
         if agent is None or not agent.online or not agent.address:
             return
-        url = f"http://{agent.address}:{agent.port}"
+        host = f"[{agent.address}]" if ":" in agent.address else agent.address
+        url = f"http://{host}:{agent.port}"
         with build_client(url, timeout=PUSH_TIMEOUT_S) as http:
             api = ApiClient(http)
             for test in self._tests.pending_for(agent_id):
+                if test.status == "dispatched" and not test.cancel_requested:
+                    continue  # already sent; re-sending is the heartbeat's job
                 if test.status == "queued" and self._tests.has_active(agent_id):
                     break
                 if not self._push(api, test):

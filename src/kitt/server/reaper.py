@@ -24,7 +24,13 @@ PRUNE_EVERY_S = 300.0
 
 
 class Reaper(threading.Thread):
-    def __init__(self, store: AgentStore, tests: TestStore, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        store: AgentStore,
+        tests: TestStore,
+        settings: ServerSettings,
+        started: datetime | None = None,
+    ) -> None:
         super().__init__(name="reaper", daemon=True)
         self._store = store
         self._tests = tests
@@ -34,6 +40,9 @@ class Reaper(threading.Thread):
         # interval, but never spin faster than twice a second.
         self.period_s = max(0.5, min(settings.heartbeat_interval_s / 2, 15.0))
         self._last_prune = 0.0
+        # Silence is only counted from this server's start: after an outage, agents get
+        # their full allowance to heartbeat again before being called offline or lost.
+        self._counting_from = started or datetime.now(timezone.utc)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -48,19 +57,20 @@ class Reaper(threading.Thread):
     def tick(self) -> None:
         now = datetime.now(timezone.utc)
         cutoff = now - timedelta(seconds=self._settings.offline_after_s)
-        for name in self._store.mark_offline(cutoff):
+        for name in self._store.mark_offline(cutoff) if cutoff >= self._counting_from else []:
             log.warning(
                 "agent %s is offline (no heartbeat for over %g s)",
                 name,
                 self._settings.offline_after_s,
             )
         lost_after = self._settings.lost_after_s
-        gone = self._store.offline_since(now - timedelta(seconds=lost_after))
+        lost_cutoff = now - timedelta(seconds=lost_after)
+        gone = self._store.offline_since(lost_cutoff) if lost_cutoff >= self._counting_from else []
         for test in self._tests.active_on_offline_agents(gone):
             with contextlib.suppress(IllegalTransitionError, KeyError):
                 self._tests.transition(
                     test.id, "lost", finished_at=now,
-                    error=f"agent {test.agent_name} offline for over {lost_after:g} s",
+                    error=f"agent {test.agent_name} sent no heartbeat for over {lost_after:g} s",
                 )  # fmt: skip
                 log.warning("test %s is lost: agent %s went offline", test.id, test.agent_name)
         if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -11,6 +11,7 @@ from kitt.jsonapi import ApiFailure, dump
 from kitt.protocol import AgentDetail, AgentSummary, GpuSample, Hardware, HeartbeatRecord
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.models import Agent
+from kitt.server.store.tests import TestStore
 
 bp = Blueprint("fleet", __name__, url_prefix="/api/v1/agents")
 
@@ -116,6 +117,8 @@ def history(id_or_name: str) -> Response:
 @bp.delete("/<id_or_name>")
 def remove(id_or_name: str) -> Any:
     agent = _get(id_or_name)
+    tests: TestStore = current_app.extensions["kitt.tests"]
+    closed = tests.close_for_agent(agent.id, datetime.now(timezone.utc))
     _store().delete(agent.id)
     current_app.logger.info("agent %s (id %s) removed", agent.name, agent.id)
-    return jsonify(deleted=agent.id, name=agent.name), 200
+    return jsonify(deleted=agent.id, name=agent.name, closed_tests=closed), 200

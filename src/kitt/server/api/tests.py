@@ -90,8 +90,10 @@ def _pick_agent(req: TestRequest) -> Agent:
         raise ApiFailure(
             409, f"no idle online agent{gpu_note} offers benchmark {req.benchmark!r}; try later"
         )
-    # The agent idle the longest since it registered spreads work across the fleet.
-    return min(candidates, key=lambda a: (a.last_seen_at is None, a.registered_at))
+    # The agent given a test least recently (or never) spreads work across the fleet.
+    last = _tests().last_assigned()
+    never = datetime.min.replace(tzinfo=timezone.utc)
+    return min(candidates, key=lambda a: (last.get(a.id, never), a.name))
 
 
 @bp.post("")

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import sessionmaker
 
 from kitt.server.lifecycle import IllegalTransitionError, check
 from kitt.server.store.models import TestRun
 
 ACTIVE = ("dispatched", "running")
+_PENDING = TestRun.status.in_(("queued", "dispatched")) | (
+    (TestRun.status == "running") & TestRun.cancel_requested.is_(True)
+)
 
 
 def new_test_id() -> str:
@@ -56,57 +60,88 @@ class TestStore:
     def transition(self, test_id: str, wanted: str, **fields: Any) -> tuple[TestRun, bool]:
         """Move a test to ``wanted`` (checked), setting ``fields`` only when it changes.
 
-        Returns the test and whether anything changed. The row is re-read inside the
-        transaction so two racing reports cannot both apply.
+        Returns the test and whether anything changed. The write is a compare-and-set on
+        the status it was checked against (``UPDATE … WHERE status = <seen>``), so two
+        racing reports cannot both apply: SQLite has no row locks, and its driver reads
+        outside the write transaction, so a plain read-check-write would lose updates.
         """
-        with self.sessions.begin() as s:
-            test = _locked(s, test_id)
-            if test is None:
+        for _ in range(10):
+            current = self.get(test_id)
+            if current is None:
                 raise KeyError(test_id)
-            changed = check(test_id, test.status, wanted)
-            if changed:
-                if test.status == "queued" and wanted not in ("dispatched", "cancelled"):
-                    # The agent's report overtook the dispatcher's record of the push.
-                    test.dispatched_at = fields.get("started_at") or fields.get("finished_at")
-                test.status = wanted
-                for key, value in fields.items():
-                    if value is not None:
-                        setattr(test, key, value)
-        if changed:
-            self._on_change(test_id)
-        return test, changed
+            if not check(test_id, current.status, wanted):
+                return current, False
+            values: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+            values["status"] = wanted
+            if current.status == "queued" and wanted not in ("dispatched", "cancelled"):
+                # The agent's report overtook the dispatcher's record of the push.
+                values.setdefault(
+                    "dispatched_at", fields.get("started_at") or fields.get("finished_at")
+                )
+            if self._compare_and_set(test_id, current.status, values):
+                self._on_change(test_id)
+                updated = self.get(test_id)
+                assert updated is not None  # noqa: S101 - tests are never deleted alone
+                return updated, True
+        raise IllegalTransitionError(test_id, "changing", wanted)
 
     def request_cancel(self, test_id: str, now: datetime) -> TestRun:
         """Cancel a queued test outright; flag an active one for its agent to stop."""
-        with self.sessions.begin() as s:
-            test = _locked(s, test_id)
+        for _ in range(10):
+            test = self.get(test_id)
             if test is None:
                 raise KeyError(test_id)
             if test.status == "queued":
-                check(test_id, test.status, "cancelled")
-                test.status = "cancelled"
-                test.finished_at = now
-                test.error = "cancelled before it was dispatched"
+                values: dict[str, Any] = {
+                    "status": "cancelled",
+                    "finished_at": now,
+                    "error": "cancelled before it was dispatched",
+                }
             elif test.status in ACTIVE:
-                test.cancel_requested = True
+                values = {"cancel_requested": True}
             else:  # it has already ended, cancelled included
                 raise IllegalTransitionError(test_id, test.status, "cancelled")
-        self._on_change(test_id)
-        return test
+            if self._compare_and_set(test_id, test.status, values):
+                self._on_change(test_id)
+                updated = self.get(test_id)
+                assert updated is not None  # noqa: S101
+                return updated
+        raise IllegalTransitionError(test_id, "changing", "cancelled")
+
+    def _compare_and_set(self, test_id: str, seen: str, values: dict[str, Any]) -> bool:
+        with self.sessions.begin() as s:
+            result = s.execute(
+                update(TestRun).where(TestRun.id == test_id, TestRun.status == seen).values(values)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def pending_for(self, agent_id: str) -> list[TestRun]:
-        """Work for one agent: queued tests (oldest first) and active tests to cancel."""
-        query = (
-            select(TestRun)
-            .where(TestRun.agent_id == agent_id)
-            .where(
-                (TestRun.status == "queued")
-                | (TestRun.status.in_(ACTIVE) & TestRun.cancel_requested.is_(True))
-            )
-            .order_by(TestRun.created_at)
-        )
+        """Work for one agent, oldest first: queued tests, dispatched tests the agent has not
+        confirmed yet (a lost heartbeat response may have carried them), active tests to
+        cancel."""
+        query = select(TestRun).where(_PENDING, TestRun.agent_id == agent_id)
+        query = query.order_by(TestRun.created_at)
         with self.sessions() as s:
             return list(s.scalars(query))
+
+    def close_for_agent(self, agent_id: str, now: datetime) -> list[str]:
+        """An agent is being removed: its queued tests are cancelled, its active ones lost."""
+        query = select(TestRun.id, TestRun.status).where(
+            TestRun.agent_id == agent_id, TestRun.status.in_(("queued", *ACTIVE))
+        )
+        with self.sessions() as s:
+            open_tests = list(s.execute(query))
+        for test_id, status in open_tests:
+            wanted = "cancelled" if status == "queued" else "lost"
+            with contextlib.suppress(IllegalTransitionError, KeyError):
+                self.transition(test_id, wanted, finished_at=now, error="its agent was removed")
+        return [test_id for test_id, _ in open_tests]
+
+    def last_assigned(self) -> dict[str, datetime]:
+        """When each agent was last given a test (to spread ``--agent any`` work)."""
+        query = select(TestRun.agent_id, func.max(TestRun.created_at)).group_by(TestRun.agent_id)
+        with self.sessions() as s:
+            return {agent_id: ts for agent_id, ts in s.execute(query) if agent_id}
 
     def has_active(self, agent_id: str) -> bool:
         """One test at a time per agent: no dispatch while one is dispatched or running."""
@@ -119,10 +154,7 @@ class TestStore:
             return s.scalars(query).first() is not None
 
     def agents_with_pending_work(self) -> set[str]:
-        query = select(TestRun.agent_id).where(
-            (TestRun.status == "queued")
-            | (TestRun.status.in_(ACTIVE) & TestRun.cancel_requested.is_(True))
-        )
+        query = select(TestRun.agent_id).where(_PENDING)
         with self.sessions() as s:
             return {a for a in s.scalars(query.distinct()) if a}
 
@@ -134,7 +166,3 @@ class TestStore:
         )
         with self.sessions() as s:
             return list(s.scalars(query))
-
-
-def _locked(s: Session, test_id: str) -> TestRun | None:
-    return s.scalars(select(TestRun).where(TestRun.id == test_id).with_for_update()).first()
