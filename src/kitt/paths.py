@@ -88,11 +88,14 @@ def ensure_dir(path: Path, mode: int = 0o755) -> Path:
     return path
 
 
-def write_private(path: Path, data: str | bytes, mode: int = PRIVATE_FILE) -> None:
+def write_private(
+    path: Path, data: str | bytes, mode: int = PRIVATE_FILE, *, fsync: bool = True
+) -> None:
     """Write a file atomically with ``mode`` from its first byte.
 
     The temp file is created 0600 in the same folder and renamed over the target, so a
     reader sees the old or the new content, never a half-written or world-readable file.
+    ``fsync=False`` keeps that guarantee across a process crash but not a power cut.
     """
     ensure_dir(path.parent, PRIVATE_DIR)
     raw = data.encode() if isinstance(data, str) else data
@@ -104,7 +107,8 @@ def write_private(path: Path, data: str | bytes, mode: int = PRIVATE_FILE) -> No
         with os.fdopen(fd, "wb") as fh:
             fh.write(raw)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -17,12 +17,15 @@ from kitt.protocol import AgentStatusReport, Command, CommandAccepted, Health
 from kitt.sse import resume_after
 
 
-def _frames(command_id: str, items: Iterator[LogLine | Gap | End | None]) -> Iterator[str]:
+def _frames(command_id: str, items: Iterator[list[LogLine] | Gap | End | None]) -> Iterator[str]:
     for item in items:
         if item is None:
             yield sse.KEEPALIVE
-        elif isinstance(item, LogLine):
-            yield sse.event("log", {"command_id": command_id, **item.as_dict()}, item.seq)
+        elif isinstance(item, list):
+            yield "".join(
+                sse.event("log", {"command_id": command_id, **line.as_dict()}, line.seq)
+                for line in item
+            )
         elif isinstance(item, Gap):
             yield sse.event("gap", {"command_id": command_id, "first": item.first,
                                     "last": item.last, "missed": item.last - item.first + 1,

@@ -79,7 +79,6 @@ class JobLog:
                 self._buffer.append(line)
                 self._file.write(json.dumps(line.as_dict()) + "\n")
                 lines.append(line)
-            self._file.flush()
             self._cond.notify_all()
         return lines
 
@@ -89,8 +88,14 @@ class JobLog:
             self._file.close()
             self._cond.notify_all()
 
+    def flush(self) -> None:
+        with self._cond:
+            if not self._file.closed:
+                self._file.flush()
+
     def _disk_lines(self, first: int) -> Iterator[LogLine]:
         """Lines from ``first`` to the end of the on-disk log (written before the buffer)."""
+        self.flush()  # buffered writes first: the reader wants lines that left memory
         try:
             with open(self.path, encoding="utf-8") as fh:
                 for raw in fh:
@@ -102,8 +107,9 @@ class JobLog:
 
     def follow(
         self, after: int = 0, keepalive_s: float = 15.0, follow: bool = True
-    ) -> Iterator[LogLine | Gap | End | None]:
-        """Lines after ``after``, then live ones; ``None`` = nothing new for ``keepalive_s``."""
+    ) -> Iterator[list[LogLine] | Gap | End | None]:
+        """Batches of lines after ``after``, then live ones; ``None`` = nothing new for
+        ``keepalive_s``."""
         next_seq = after + 1
         while True:
             with self._cond:
@@ -116,13 +122,19 @@ class JobLog:
             if next_seq < oldest and next_seq <= newest:
                 # Catch up from disk in one pass (to its current end), not gap by gap.
                 yield Gap(next_seq, oldest - 1, recovered=self.path.exists())
+                chunk: list[LogLine] = []
                 for line in self._disk_lines(next_seq):
-                    yield line
-                    next_seq = line.seq + 1
+                    chunk.append(line)
+                    if len(chunk) >= 1000:
+                        yield chunk
+                        chunk = []
+                if chunk:
+                    yield chunk
+                    next_seq = chunk[-1].seq + 1
                 next_seq = max(next_seq, oldest)
                 continue
             if available:
-                yield from available
+                yield available  # as one batch: the reader writes it to the socket at once
                 next_seq = available[-1].seq + 1
                 continue
             if status is not None or not follow:

@@ -44,7 +44,9 @@ class Spool:
         with self._lock:
             self._seq += 1
             target = self.directory / f"{self._seq:012d}-{kind}.json"
-            write_private(target, json.dumps({"path": path, "body": body}))
+            # Status changes and results are fsynced; log batches (many a second) are not:
+            # they survive an agent crash, and a power cut loses at most the last batches.
+            write_private(target, json.dumps({"path": path, "body": body}), fsync=kind != "logs")
         self.changed.set()
         return target
 

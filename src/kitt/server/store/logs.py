@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, select
+from sqlalchemy import Engine, Row, Table, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from kitt.server.store.models import TestLogLine
 
 _LOGS = cast(Table, TestLogLine.__table__)
+_READ = (
+    select(_LOGS.c.seq, _LOGS.c.ts, _LOGS.c.line)
+    .where(_LOGS.c.test_id == bindparam("test_id"), _LOGS.c.seq > bindparam("after"))
+    .order_by(_LOGS.c.seq)
+    .limit(bindparam("limit"))
+)
 
 
 class LogStore:
@@ -29,12 +35,8 @@ class LogStore:
             result = conn.execute(self._insert, rows)
         return max(result.rowcount, 0)
 
-    def read(self, test_id: str, after: int, limit: int = 1000) -> list[TestLogLine]:
-        query = (
-            select(TestLogLine)
-            .where(TestLogLine.test_id == test_id, TestLogLine.seq > after)
-            .order_by(TestLogLine.seq)
-            .limit(limit)
-        )
+    def read(self, test_id: str, after: int, limit: int = 1000) -> list[Row[tuple[int, str, str]]]:
+        """(seq, ts, line) rows after ``after``; plain rows, since building ORM objects
+        for every line cost more than the query (it halved the stream's line rate)."""
         with self.engine.connect() as conn:
-            return [TestLogLine(**row._mapping) for row in conn.execute(query)]
+            return list(conn.execute(_READ, {"test_id": test_id, "after": after, "limit": limit}))
