@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +298,58 @@ def test_cli_rejects_bad_parameters_without_a_traceback(fleet: Kitt) -> None:
     nan = fleet.run("test", "run", "--agent", "gpu-01", "--benchmark", "lines", "--param", "x=NaN",
                     "--json")  # fmt: skip
     assert json.loads(nan.stdout)["params"] == {"x": "NaN"}
+
+
+def test_agent_stop_cancels_the_running_test_and_reports_it(fleet: Kitt) -> None:
+    params, _release, _pids = hold_params(fleet, "stop")
+    test = fleet.submit("hold", **params)
+    fleet.wait_status(test["id"], "running")
+    t0 = time.monotonic()
+    stopped = fleet.run("agent", "stop")
+    assert stopped.returncode == 0 and time.monotonic() - t0 < 20
+    done = fleet.wait_status(test["id"], "cancelled")
+    assert done["error"] == "cancelled: the agent was stopped"
+    text = fleet.api("GET", f"/api/v1/tests/{test['id']}/logs", params={"format": "text"}).text
+    assert text.splitlines() == ["holding"]  # its log was shipped before the agent exited
+
+
+def test_agent_stop_drain_lets_the_test_finish_and_takes_no_new_one(fleet: Kitt) -> None:
+    params, release, _pids = hold_params(fleet, "drain")
+    test = fleet.submit("hold", **params)
+    fleet.wait_status(test["id"], "running")
+    stopper = fleet.popen("agent", "stop", "--drain")
+    wait_for(lambda: "shutting down after running work finishes" in (fleet.home / "agent.log").read_text(),
+             what="agent draining")  # fmt: skip
+    follow_up = fleet.submit("lines")
+    refused = httpx.post(fleet.agent_url + "/api/commands", json={
+        "command_id": "cmd_late", "type": "run_test", "test_id": "tst_late",
+        "payload": {"benchmark": "lines"}})  # fmt: skip
+    assert refused.status_code == 409 and "shutting down" in refused.json()["error"]
+    assert stopper.poll() is None  # still waiting for the test
+    release.touch()
+    assert stopper.wait(timeout=30) == 0
+    assert fleet.test_info(test["id"])["status"] == "completed"
+    assert fleet.test_info(follow_up["id"])["status"] == "queued"  # kept for later, not lost
+    fleet.run("agent", "start", check=True)
+    fleet.wait_status(follow_up["id"], "completed")
+
+
+def test_server_killed_mid_test_gets_every_line_and_the_result_once(fleet: Kitt) -> None:
+    fleet.add_benchmark("spew", "spew.py", timeout_s=60)
+    fleet.run("agent", "stop", check=True)
+    fleet.run("agent", "start", check=True)
+    wait_for(lambda: "spew" in fleet.agent("gpu-01").get("capabilities", []), what="new benchmark")
+    release = fleet.home.parent / "spew-go"
+    test = fleet.submit("spew", RELEASE=str(release), LINES=5000)
+    fleet.wait_status(test["id"], "running")
+    server_pid = fleet.pid_of("server")
+    assert server_pid is not None
+    os.kill(server_pid, signal.SIGKILL)
+    release.touch()
+    wait_for(lambda: list((fleet.home / "spool").glob("*-result.json")), what="result spooled")
+    fleet.start_server("--lost-after", "2")
+    done = fleet.wait_status(test["id"], "completed")
+    assert done["status"] == "completed"
+    text = fleet.api("GET", f"/api/v1/tests/{test['id']}/logs", params={"format": "text"}).text
+    lines = text.splitlines()
+    assert len(lines) == 5000 and lines == [f"{i:08d} " + "x" * 20 for i in range(5000)]

@@ -42,6 +42,7 @@ from kitt.paths import ensure_dir
 log = logging.getLogger(__name__)
 
 READY_FD_ENV = "KITT_READY_FD"
+DRAIN_SIGNAL = signal.SIGUSR1
 
 
 class PidFile:
@@ -111,8 +112,9 @@ def pid_state(path: Path) -> PidState:
     return PidState("stale", _read_pid(path))
 
 
-def stop_daemon(path: Path, what: str, timeout: float) -> int:
-    """SIGTERM the daemon holding ``path`` and wait for it to let go. Returns its PID."""
+def stop_daemon(path: Path, what: str, timeout: float | None, sig: int = signal.SIGTERM) -> int:
+    """Signal the daemon holding ``path`` and wait for it to exit (``timeout=None``: as long
+    as it takes). Returns its PID."""
     st = pid_state(path)
     if st.state == "missing":
         raise NotRunningError(f"the {what} is not running (no pid file at {path})")
@@ -123,7 +125,7 @@ def stop_daemon(path: Path, what: str, timeout: float) -> int:
             f"the {what} is not running (removed a stale pid file naming pid {st.pid})"
         )
     try:
-        os.kill(st.pid, signal.SIGTERM)
+        os.kill(st.pid, sig)
     except ProcessLookupError:
         with contextlib.suppress(OSError):
             path.unlink()
@@ -132,7 +134,7 @@ def stop_daemon(path: Path, what: str, timeout: float) -> int:
         raise KittError(
             f"not allowed to signal the {what} (pid {st.pid}); it runs as another user"
         ) from None
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout if timeout is not None else float("inf")
     while time.monotonic() < deadline:
         # Done when the process is gone, not merely when it let go of the pid file: a
         # caller that starts a new daemon right after must find the port free.
@@ -143,7 +145,7 @@ def stop_daemon(path: Path, what: str, timeout: float) -> int:
             return st.pid
         time.sleep(0.05)
     raise KittError(
-        f"the {what} (pid {st.pid}) did not exit within {timeout:g} s; it is still running"
+        f"the {what} (pid {st.pid}) did not exit within {timeout or 0:g} s; it is still running"
     )
 
 
@@ -240,19 +242,27 @@ def _sd_notify(message: bytes) -> None:
 
 class Service(Protocol):
     def start(self) -> None: ...
-    def stop(self) -> None: ...
+
+    def stop(self, drain: bool = False) -> None:
+        """``drain``: let running work finish instead of interrupting it (SIGUSR1)."""
 
 
 def run_until_signalled(service: Service, pidfile: PidFile) -> None:
-    """Run a daemon in the foreground: lock the pid file, start, wait for SIGTERM/SIGINT.
+    """Run a daemon in the foreground: lock the pid file, start, wait for a signal.
+
+    SIGTERM and SIGINT stop it now; SIGUSR1 stops it once running work has finished.
 
     Any failure before ready is reported through :func:`notify_ready` and re-raised, so
     ``kitt … start`` prints the daemon's own reason instead of "it died".
     """
     stop = threading.Event()
+    drain = False
 
     def _on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
+        nonlocal drain
+        drain = signum == DRAIN_SIGNAL
+        how = "after running work finishes" if drain else "now"
+        log.info("received %s, shutting down %s", signal.Signals(signum).name, how)
         stop.set()
 
     try:
@@ -261,7 +271,8 @@ def run_until_signalled(service: Service, pidfile: PidFile) -> None:
         notify_ready(str(exc))
         raise
     try:
-        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGTERM, signal.SIGINT, DRAIN_SIGNAL)
+        previous = {s: signal.signal(s, _on_signal) for s in signals}
         try:
             service.start()
         except Exception as exc:
@@ -271,7 +282,7 @@ def run_until_signalled(service: Service, pidfile: PidFile) -> None:
         while not stop.wait(1.0):
             pass
         _sd_notify(b"STOPPING=1")
-        service.stop()
+        service.stop(drain=drain)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     finally:

@@ -102,8 +102,8 @@ class AgentDaemon:
                     f"agent refused it: {exc}",
                 )  # fmt: skip
 
-    def stop(self) -> None:
-        self.jobs.shutdown(STOP_JOB_TIMEOUT_S)
+    def stop(self, drain: bool = False) -> None:
+        self.jobs.shutdown(None if drain else STOP_JOB_TIMEOUT_S, drain=drain)
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat.join(timeout=5)

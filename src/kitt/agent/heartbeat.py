@@ -109,6 +109,9 @@ class HeartbeatThread(threading.Thread):
     def _beat(self) -> float:
         snap = self._state.snapshot()
         assert snap.agent_id is not None  # noqa: S101 - run() only calls us when registered
+        if snap.closing and snap.status == "idle":
+            # Stopping: an "idle" heartbeat would invite the server to send a new test.
+            return self._jittered()
         gpus = self._telemetry.sample()
         util, mem = aggregate(gpus)
         cpu, ram = self._load.sample()

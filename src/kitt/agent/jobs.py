@@ -437,14 +437,18 @@ class JobManager:
             count += 1
         return count
 
-    def shutdown(self, timeout: float) -> None:
-        """Take no new work; cancel the running job (if any) and wait for it to report."""
+    def shutdown(self, timeout: float | None, drain: bool = False) -> None:
+        """Take no new work; cancel the running job (or, draining, let it finish) and wait."""
         with self._lock:
             self._closing = True
+            self._state.set_closing()
             job = self._current
         if job is None:
             return
-        job.cancel("shutdown")
+        if drain:
+            log.info("draining: waiting for test %s to finish", job.test_id)
+        else:
+            job.cancel("shutdown")
         job.join(timeout)
         if job.is_alive():
-            log.error("test %s did not stop within %g s", job.test_id, timeout)
+            log.error("test %s did not stop within %g s", job.test_id, timeout or 0)

@@ -19,6 +19,7 @@ class Snapshot:
     last_heartbeat_ok: datetime | None
     last_error: str | None
     uptime_s: float
+    closing: bool = False
 
 
 class AgentState:
@@ -52,3 +53,7 @@ class AgentState:
 
     def set_task(self, status: AgentRunState, current_task: str | None) -> None:
         self._update(status=status, current_task=current_task)
+
+    def set_closing(self) -> None:
+        """The agent is stopping: it takes no new work and must not look available."""
+        self._update(closing=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 from pathlib import Path
 
@@ -18,7 +19,14 @@ from kitt.errors import AlreadyRunningError, NotRunningError
 from kitt.http import build_client
 from kitt.logsetup import setup_logging
 from kitt.paths import agent_paths
-from kitt.process import PidFile, foreground_argv, pid_state, spawn_background, stop_daemon
+from kitt.process import (
+    DRAIN_SIGNAL,
+    PidFile,
+    foreground_argv,
+    pid_state,
+    spawn_background,
+    stop_daemon,
+)
 from kitt.protocol import AgentStatusReport
 
 
@@ -184,16 +192,27 @@ def status(config: Path | None, as_json: bool) -> None:
 
 @agent.command()
 @click.option(
+    "--drain",
+    is_flag=True,
+    help="Let a running test finish first (no new tests start meanwhile).",
+)
+@click.option(
     "--timeout",
     type=float,
-    default=30.0,
-    show_default=True,
-    help="Seconds to wait for the agent to exit.",
+    default=None,
+    help="Seconds to wait for the agent to exit (default 30; with --drain, no limit).",
 )
-def stop(timeout: float) -> None:
-    """Stop the agent daemon started by `kitt agent start` (SIGTERM, then wait)."""
+def stop(drain: bool, timeout: float | None) -> None:
+    """Stop the agent daemon. A running test is cancelled (its logs and result are still
+    delivered), or with --drain allowed to finish."""
+    if timeout is None and not drain:
+        timeout = 30.0
+    if drain:
+        click.echo("waiting for the running test (if any) to finish before the agent stops")
     try:
-        pid = stop_daemon(agent_paths().pid, "agent", timeout)
+        pid = stop_daemon(
+            agent_paths().pid, "agent", timeout, DRAIN_SIGNAL if drain else signal.SIGTERM
+        )
     except NotRunningError as exc:
         click.echo(str(exc))
         return

@@ -96,7 +96,7 @@ class ServerDaemon:
                 self.settings.host,
             )
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False) -> None:
         if self._reaper is not None:
             self._reaper.stop()
             self._reaper.join(timeout=5)
