@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from kitt.cli.common import KittGroup, ago, console, human_duration
+from kitt.cli.common import KittGroup, ago, console, human_duration, print_json_or_nothing
 from kitt.fleet_client import FleetClient, resolve_server_url
 from kitt.protocol import AGENT_NAME_RE, ID_RE
 
@@ -39,11 +39,7 @@ def list_agents(server_url: str | None, as_json: bool) -> None:
     """Every agent with its state, GPUs, utilisation and last heartbeat."""
     with FleetClient(resolve_server_url(server_url)) as fleet:
         items = fleet.agents()
-    if as_json:
-        click.echo(json.dumps([a.model_dump(mode="json") for a in items], indent=2))
-        return
-    if not items:
-        console.print("no agents registered yet")
+    if print_json_or_nothing(items, as_json, "no agents registered yet"):
         return
     table = Table(box=None, pad_edge=False)
     for col in ("NAME", "STATE", "TASK", "GPUS", "GPU UTIL", "GPU MEM", "ADDRESS", "LAST SEEN"):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import click
+from pydantic import BaseModel
 from rich.console import Console
 
 from kitt.errors import KittError
@@ -73,3 +76,16 @@ def ago(ts: datetime | str | None) -> str:
         ts = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     delta = (datetime.now(timezone.utc) - ts).total_seconds()
     return f"{human_duration(max(delta, 0))} ago"
+
+
+def print_json_or_nothing(items: Sequence[BaseModel], as_json: bool, empty: str) -> bool:
+    """The shared start of every listing: JSON when asked, a note when empty.
+
+    Returns True when that already said everything (the caller prints no table)."""
+    if as_json:
+        click.echo(json.dumps([i.model_dump(mode="json") for i in items], indent=2))
+        return True
+    if not items:
+        console.print(empty)
+        return True
+    return False

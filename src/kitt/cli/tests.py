@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from kitt.cli.agents import server_option
-from kitt.cli.common import KittGroup, ago, console, human_duration
+from kitt.cli.common import KittGroup, ago, console, human_duration, print_json_or_nothing
 from kitt.fleet_client import FleetClient, resolve_server_url
 from kitt.protocol import (
     TERMINAL_STATUSES,
@@ -142,11 +142,7 @@ def list_tests(status: str | None, agent: str | None, limit: int, server_url: st
     """Recent tests, newest first."""
     with FleetClient(resolve_server_url(server_url)) as fleet:
         tests = fleet.tests(status, agent, limit)
-    if as_json:
-        click.echo(json.dumps([t.model_dump(mode="json") for t in tests], indent=2))
-        return
-    if not tests:
-        console.print("no tests")
+    if print_json_or_nothing(tests, as_json, "no tests"):
         return
     table = Table(box=None, pad_edge=False)
     for col in ("ID", "AGENT", "BENCHMARK", "STATUS", "SUBMITTED", "DURATION", "ERROR"):

@@ -97,20 +97,8 @@ def history(id_or_name: str) -> Response:
     if not 1 <= limit <= MAX_HISTORY:
         raise ApiFailure(400, f"'limit' must be between 1 and {MAX_HISTORY}")
     rows = _store().heartbeats(agent.id, since, limit)
-    records = [
-        HeartbeatRecord(
-            ts=r.ts,
-            status=r.status,  # type: ignore[arg-type]
-            current_task=r.current_task,
-            uptime_s=r.uptime_s,
-            gpu_utilization_pct=r.gpu_utilization_pct,
-            gpu_memory_used_gb=r.gpu_memory_used_gb,
-            cpu_percent=r.cpu_percent,
-            ram_used_gb=r.ram_used_gb,
-            gpus=[GpuSample.model_validate(g) for g in r.gpus],
-        ).model_dump(mode="json")
-        for r in rows
-    ]
+    records = [HeartbeatRecord.model_validate(r, from_attributes=True).model_dump(mode="json")
+               for r in rows]  # fmt: skip
     return jsonify(agent_id=agent.id, heartbeats=records)
 
 

@@ -40,24 +40,7 @@ def _dispatcher() -> Dispatcher:
 
 
 def info(test: TestRun) -> TestInfo:
-    return TestInfo(
-        id=test.id,
-        agent_id=test.agent_id,
-        agent_name=test.agent_name,
-        benchmark=test.benchmark,
-        engine=test.engine,
-        model=test.model,
-        params=test.params,
-        status=test.status,  # type: ignore[arg-type]
-        error=test.error,
-        command_id=test.command_id,
-        cancel_requested=test.cancel_requested,
-        created_at=test.created_at,
-        dispatched_at=test.dispatched_at,
-        started_at=test.started_at,
-        finished_at=test.finished_at,
-        result=test.result,
-    )
+    return TestInfo.model_validate(test, from_attributes=True)
 
 
 def _offers(agent: Agent, benchmark: str) -> bool:
