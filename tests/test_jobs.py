@@ -353,3 +353,58 @@ def test_server_killed_mid_test_gets_every_line_and_the_result_once(fleet: Kitt)
     text = fleet.api("GET", f"/api/v1/tests/{test['id']}/logs", params={"format": "text"}).text
     lines = text.splitlines()
     assert len(lines) == 5000 and lines == [f"{i:08d} " + "x" * 20 for i in range(5000)]
+
+
+def test_result_too_large_for_the_wire_fails_the_test_instead_of_hanging(fleet: Kitt) -> None:
+    test = fleet.submit("lines", BIG=True)
+    done = fleet.wait_status(test["id"], "failed")
+    assert "bytes as JSON; the limit is" in done["error"]
+    assert not (fleet.home / "spool" / "rejected").exists()
+
+
+def test_reports_with_out_of_range_values_are_400(fleet: Kitt) -> None:
+    test = fleet.submit("lines")
+    fleet.wait_status(test["id"], "completed")
+    agent_id = fleet.agent("gpu-01")["id"]
+    base = f"/api/v1/agents/{agent_id}/tests/{test['id']}"
+    r = fleet.api("POST", f"{base}/logs", json={"lines": [{"seq": 10**20, "ts": "t", "line": "x"}]})
+    assert r.status_code == 400 and "seq" in r.json()["error"]
+    r = fleet.api(
+        "POST", f"{base}/status", json={"status": "running", "started_at": "2026-11-27T10:00:00"}
+    )
+    assert r.status_code == 400 and "started_at" in r.json()["error"]
+    r = httpx.get(
+        f"{fleet.server_url}/api/v1/tests/{test['id']}/logs", headers={"Last-Event-ID": str(10**20)}
+    )
+    assert r.status_code == 400
+
+
+def test_log_streams_cannot_take_every_agent_thread(fleet: Kitt) -> None:
+    import socket as socketlib
+
+    fleet.add_benchmark("spew", "spew.py", timeout_s=60)
+    fleet.run("agent", "stop", check=True)
+    fleet.run("agent", "start", check=True)
+    wait_for(lambda: "spew" in fleet.agent("gpu-01").get("capabilities", []), what="new benchmark")
+    release = fleet.home.parent / "streams-go"
+    test = fleet.submit("spew", RELEASE=str(release), LINES=50_000, WIDTH=200)
+    fleet.wait_status(test["id"], "running")
+    path = f"/api/logs/{test['command_id']}"
+    held = []
+    for _ in range(10):  # the agent's stream limit
+        s = socketlib.create_connection(("127.0.0.1", fleet.agent_port))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert b"200 OK" in s.recv(4096)
+        held.append(s)
+    over = httpx.get(fleet.agent_url + path, timeout=5)
+    assert over.status_code == 503 and "too many live log streams" in over.json()["error"]
+    assert fleet.agent_status()["current_task"] == test["id"]  # the agent still answers
+    for s in held:
+        s.close()
+    release.touch()  # output flows; the streams notice their clients left and free the slots
+
+    def stream_opens() -> bool:
+        with httpx.stream("GET", fleet.agent_url + path, timeout=10) as r:
+            return r.status_code == 200
+
+    wait_for(stream_opens, what="a stream slot freed")

@@ -191,3 +191,58 @@ def test_unconfirmed_dispatch_is_sent_again_on_an_idle_heartbeat(tmp_path: Path)
     assert dispatcher.for_heartbeat(agent, "running") == []  # never to a busy agent
     tests.transition(test.id, "running", started_at=now)
     assert dispatcher.for_heartbeat(agent, "idle") == []
+
+
+def test_slow_reader_gets_one_gap_then_every_line_once(tmp_path: Path) -> None:
+    from kitt.agent.log_streamer import End, Gap, JobLog
+
+    log = JobLog(tmp_path / "log.jsonl", buffer_lines=100)
+    for i in range(2000):  # a multiple of the disk catch-up chunk size, on purpose
+        log.append(f"line {i}\n".encode())
+    log.finish("completed")
+    items = list(log.follow(after=0, keepalive_s=0.1))
+    gaps = [i for i in items if isinstance(i, Gap)]
+    seqs = [line.seq for item in items if isinstance(item, list) for line in item]
+    assert [(g.first, g.last, g.recovered) for g in gaps] == [(1, 1900, True)]
+    assert seqs == list(range(1, 2001))
+    assert isinstance(items[-1], End) and items[-1].status == "completed"
+    assert (tmp_path / "log.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_refresh_never_forgets_work_woken_during_its_query(tmp_path: Path) -> None:
+    from kitt.server.dispatcher import Dispatcher
+
+    store = _store(tmp_path)
+    now = datetime.now(timezone.utc)
+    agent, _ = store.register(
+        RegisterRequest(name="a", hostname="h", port=1, kitt_version="x"), None, now
+    )
+    tests = TestStore(store.engine)
+
+    class Racing(Dispatcher):
+        """Submits a test at the worst moment: while refresh() is querying."""
+
+        raced = False
+
+        def refresh(self, agent_id: str) -> None:
+            original = self._tests.pending_for
+
+            def pending_for(aid: str) -> list[TestRun]:
+                found = original(aid)
+                if not self.raced:
+                    self.raced = True
+                    tests.create(agent_id=aid, agent_name="a", benchmark="b", engine=None,
+                                 model=None, params={}, created_at=now)  # fmt: skip
+                    self.wake(aid)
+                return found
+
+            self._tests.pending_for = pending_for  # type: ignore[method-assign]
+            try:
+                super().refresh(agent_id)
+            finally:
+                self._tests.pending_for = original  # type: ignore[method-assign]
+
+    dispatcher = Racing(tests, store)
+    dispatcher.refresh(agent)  # nothing pending when it queries; a submit lands meanwhile
+    commands = dispatcher.for_heartbeat(agent, "idle")
+    assert [c["type"] for c in commands] == ["run_test"]

@@ -11,7 +11,14 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
 PROTOCOL_VERSION = 1
 MAX_BODY_BYTES = 1024 * 1024
@@ -234,8 +241,8 @@ class TestStatusReport(WireModel):
 
     status: Literal["running", "completed", "failed", "cancelled"]
     error: Annotated[str, StringConstraints(max_length=4096)] | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
 
 
 class ResultReport(WireModel):
@@ -246,7 +253,7 @@ class ResultReport(WireModel):
     status: Literal["completed", "failed", "cancelled"]
     result: dict[str, Any] | None = None
     error: Annotated[str, StringConstraints(max_length=4096)] | None = None
-    finished_at: datetime | None = None
+    finished_at: AwareDatetime | None = None
 
 
 class TestInfo(WireModel):
@@ -269,8 +276,11 @@ class TestInfo(WireModel):
     result: dict[str, Any] | None = None
 
 
+MAX_SEQ = 2**62  # fits a signed 64-bit column on every database
+
+
 class LogLineIn(WireModel):
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=MAX_SEQ)
     ts: Annotated[str, StringConstraints(max_length=40)]
     line: Annotated[str, StringConstraints(max_length=16384)]
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Response, request
 
 from kitt.jsonapi import ApiFailure
+from kitt.protocol import MAX_SEQ
 
 KEEPALIVE = ": keepalive\n\n"
 
@@ -27,20 +29,48 @@ def resume_after() -> int:
         raise ApiFailure(
             400, f"Last-Event-ID / after must be a line number, got {raw[:40]!r}"
         ) from None
-    if value < 0:
-        raise ApiFailure(400, "Last-Event-ID / after must not be negative")
+    if not 0 <= value <= MAX_SEQ:
+        raise ApiFailure(400, f"Last-Event-ID / after must be between 0 and {MAX_SEQ}")
     return value
 
 
-def stream(frames: Iterable[str]) -> Response:
-    def body() -> Iterator[bytes]:
+class _Released:
+    """A response body that gives its stream slot back exactly once, when the server
+    closes it (client gone or stream ended), even if it was never iterated."""
+
+    def __init__(self, frames: Iterable[str], release: Callable[[], None]) -> None:
+        self._frames = frames
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
         # A retry hint first: browsers' EventSource reconnects after 2 s with Last-Event-ID.
         yield b"retry: 2000\n\n"
-        for frame in frames:
+        for frame in self._frames:
             yield frame.encode()
 
-    return Response(
-        body(),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    def close(self) -> None:
+        close = getattr(self._frames, "close", None)
+        if close is not None:
+            close()
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+class StreamSlots:
+    """At most ``limit`` live streams at once. Each holds a server thread until its client
+    goes away, so without a cap, idle log readers could take every worker thread from the
+    heartbeats and reports the service exists for."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sem = threading.BoundedSemaphore(limit)
+
+    def stream(self, frames: Iterable[str]) -> Response:
+        if not self._sem.acquire(blocking=False):
+            raise ApiFailure(503, f"too many live log streams (limit {self.limit}); retry shortly")
+        return Response(
+            _Released(frames, self._sem.release),
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

@@ -11,6 +11,9 @@ print("to stderr", file=sys.stderr, flush=True)
 with open(os.environ["KITT_PARAMS_FILE"]) as fh:
     params = json.load(fh)
 result = {"lines": count, "params": params, "model": os.environ.get("KITT_MODEL")}
-with open(os.environ["KITT_RESULT_FILE"], "w") as fh:
-    json.dump(result, fh)
+if os.environ.get("KITT_PARAM_BIG") == "true":
+    # 300k CJK characters: ~900 KB as UTF-8 on disk, ~1.8 MB once JSON-escaped.
+    result["text"] = "\u6d4b" * 300_000
+with open(os.environ["KITT_RESULT_FILE"], "w", encoding="utf-8") as fh:
+    json.dump(result, fh, ensure_ascii=False)
 sys.exit(int(os.environ.get("KITT_PARAM_EXIT", "0")))

@@ -16,6 +16,9 @@ from kitt.jsonapi import ApiFailure, check_id, dump, install_json_errors, parse_
 from kitt.protocol import AgentStatusReport, Command, CommandAccepted, Health
 from kitt.sse import resume_after
 
+AGENT_THREADS = 16
+AGENT_STREAMS = 10  # of AGENT_THREADS; the rest stay free for commands and status
+
 
 def _frames(command_id: str, items: Iterator[list[LogLine] | Gap | End | None]) -> Iterator[str]:
     for item in items:
@@ -37,6 +40,7 @@ def _frames(command_id: str, items: Iterator[list[LogLine] | Gap | End | None]) 
 def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -> Flask:
     app = Flask("kitt.agent")
     install_json_errors(app)
+    streams = sse.StreamSlots(AGENT_STREAMS)
 
     @app.post("/api/commands")
     def commands() -> Any:
@@ -54,7 +58,7 @@ def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -
         if log is None:
             raise ApiFailure(404, f"no log for command {command_id!r} on this agent")
         after = resume_after()
-        return sse.stream(_frames(command_id, log.follow(after)))
+        return streams.stream(_frames(command_id, log.follow(after)))
 
     @app.get("/api/health")
     def health() -> Any:

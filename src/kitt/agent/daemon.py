@@ -8,13 +8,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from kitt import __version__
-from kitt.agent.app import create_agent_app
+from kitt.agent.app import AGENT_THREADS, create_agent_app
 from kitt.agent.config import AgentConfig
 from kitt.agent.hardware import registration
 from kitt.agent.heartbeat import HeartbeatThread
 from kitt.agent.jobs import CommandError, JobManager, spool_result
 from kitt.agent.server_client import ServerClient
-from kitt.agent.spool import Spool, SpoolSender
+from kitt.agent.spool import AGENT_ID, Spool, SpoolSender
 from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry
 from kitt.http import WsgiServer
@@ -47,7 +47,7 @@ class AgentDaemon:
             create_agent_app(config, self.state, self.jobs),
             config.bind,
             config.port,
-            numthreads=16,
+            numthreads=AGENT_THREADS,
             name="kitt-agent",
         )
 
@@ -94,7 +94,13 @@ class AgentDaemon:
                 self.jobs.handle(command)
             except CommandError as exc:
                 if command.type != "run_test":
-                    log.info("cancel of test %s: %s", command.test_id, exc)
+                    # The test never reached this agent (its run_test was lost): say it
+                    # is cancelled, or the server would wait for it forever.
+                    log.info("cancel of test %s: %s; reporting it cancelled", command.test_id, exc)
+                    self._spool.put(
+                        "status", f"/api/v1/agents/{AGENT_ID}/tests/{command.test_id}/status",
+                        {"status": "cancelled", "error": "cancelled before it reached the agent"},
+                    )  # fmt: skip
                     continue
                 log.warning("cannot run test %s: %s", command.test_id, exc)
                 spool_result(

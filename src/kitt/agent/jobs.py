@@ -110,6 +110,7 @@ class LogShipper(threading.Thread):
         self._pending: list[LogLine] = []
         self._pending_bytes = 0
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._done = threading.Event()
 
     def add(self, lines: list[LogLine]) -> None:
@@ -121,6 +122,12 @@ class LogShipper(threading.Thread):
             self.flush()
 
     def flush(self) -> None:
+        # One flush at a time (reader thread and timer thread both flush), so batches reach
+        # the spool in line order.
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             batch, self._pending, self._pending_bytes = self._pending, [], 0
         chunk: list[dict[str, object]] = []
@@ -192,8 +199,9 @@ class Job(threading.Thread):
         timer.start()
 
     def _kill_if_alive(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            log.warning("test %s ignored SIGTERM; SIGKILL to its process group", self.test_id)
+        if proc.poll() is not None:
+            return  # reaped, and its group already killed: the id may belong to others now
+        log.warning("test %s ignored SIGTERM; SIGKILL to its process group", self.test_id)
         self._signal_group(proc, signal.SIGKILL)
 
     @staticmethod
@@ -214,11 +222,17 @@ class Job(threading.Thread):
         except Exception as exc:  # a bug here must still end the test, not hang it
             log.exception("job for test %s crashed", self.test_id)
             error = f"agent error while running the benchmark: {exc}"
+        if result is not None and len(json.dumps(result)) > RESULT_MAX_BYTES:
+            size = len(json.dumps(result))
+            status, result = "failed", None
+            error = f"the result is {size} bytes as JSON; the limit is {RESULT_MAX_BYTES}"
         self.final_status = status
         self._shipper.close()
         self.log.finish(status)
-        self._write_state(status, started_at=started, finished_at=_now(), error=error)
+        # The report first: a kill between the two leaves state "running", which the next
+        # start reports as failed, rather than a final state.json with no report sent.
         spool_result(self._spool, self.command.command_id, self.test_id, status, error, result)
+        self._write_state(status, started_at=started, finished_at=_now(), error=error)
         log.info("test %s %s%s", self.test_id, status, f": {error}" if error else "")
         self._on_end(self)
 
@@ -354,6 +368,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._current: Job | None = None
         self._closing = False
+        self._cancelled: set[str] = set()
         self.logs = LogRegistry()
 
     @property
@@ -369,6 +384,9 @@ class JobManager:
             return False  # seen before (possibly before a restart): at-least-once delivery
         if self._closing:
             raise CommandError(409, "the agent is shutting down")
+        if command.test_id in self._cancelled:
+            log.info("ignoring run_test for test %s: it was cancelled", command.test_id)
+            return False
         try:
             payload = RunTestPayload.model_validate(command.payload)
         except ValidationError as exc:
@@ -388,6 +406,10 @@ class JobManager:
             if self._current is not None:
                 raise CommandError(409, f"busy: running test {self._current.test_id}")
             ensure_dir(workdir, PRIVATE_DIR)
+            # Written before anything else, so a restart always finds what it had accepted.
+            write_private(workdir / "state.json", json.dumps({
+                "test_id": command.test_id, "command_id": command.command_id,
+                "status": "accepted", "pid": os.getpid()}))  # fmt: skip
             log_ = JobLog(workdir / "log.jsonl", self._config.log_buffer_lines)
             self.logs.add(command.command_id, log_)
             job = Job(command, payload, benchmark, workdir, self._spool, self._ended, log_)
@@ -401,6 +423,9 @@ class JobManager:
     def _cancel(self, command: Command) -> bool:
         with self._lock:
             job = self._current
+            if job is None or job.test_id != command.test_id:
+                # A late run_test for it (e.g. one overtaken by this cancel) must not run.
+                self._cancelled.add(command.test_id)
         if job is not None and job.test_id == command.test_id:
             job.cancel()
             return True
@@ -424,7 +449,7 @@ class JobManager:
                 state = json.loads(state_file.read_text())
             except (OSError, ValueError):
                 continue
-            if state.get("status") != "running":
+            if state.get("status") not in ("accepted", "running"):
                 continue
             error = f"agent restarted while the test was running (previous pid {state.get('pid')})"
             _kill_orphan(state)

@@ -127,6 +127,7 @@ class JobLog:
                     chunk.append(line)
                     if len(chunk) >= 1000:
                         yield chunk
+                        next_seq = chunk[-1].seq + 1
                         chunk = []
                 if chunk:
                     yield chunk

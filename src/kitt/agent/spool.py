@@ -107,6 +107,7 @@ class SpoolSender(threading.Thread):
                     "server rejected %s (%s); kept in %s", item.name, exc, self._spool.rejected
                 )
                 self._spool.reject(item)
+                self._end_test_without_result(item, entry, exc)
                 continue
             except KittError as exc:
                 return self._retry(item, exc)
@@ -116,6 +117,17 @@ class SpoolSender(threading.Thread):
                 self._failing = False
             self._backoff.reset()
         return 0.0
+
+    def _end_test_without_result(self, item: Path, entry: dict[str, Any], exc: ApiError) -> None:
+        """A refused result (too large, invalid) must still end its test on the server."""
+        if not item.name.endswith("-result.json") or exc.status in (403, 404, 409):
+            return  # not a result, or the server does not want this test's reports at all
+        test_id = entry["body"].get("test_id")
+        if isinstance(test_id, str):
+            self._spool.put(
+                "status", f"/api/v1/agents/{AGENT_ID}/tests/{test_id}/status",
+                {"status": "failed", "error": f"the server refused the result: {exc.message}"},
+            )  # fmt: skip
 
     def _retry(self, item: Path, exc: KittError) -> float:
         if not self._failing:

@@ -17,6 +17,7 @@ from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter
 from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
+from kitt.sse import StreamSlots
 
 
 def create_app(
@@ -37,6 +38,8 @@ def create_app(
     app.extensions["kitt.dispatcher"] = dispatcher
     app.extensions["kitt.logs"] = logs
     app.extensions["kitt.events"] = events
+    # Three quarters of the workers at most for log streams; the rest serve agents.
+    app.extensions["kitt.streams"] = StreamSlots(max(1, settings.numthreads * 3 // 4))
 
     @app.get("/api/v1/health")
     def health() -> Any:

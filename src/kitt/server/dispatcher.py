@@ -61,6 +61,7 @@ class Dispatcher:
         self._agents = agents
         self._lock = threading.Lock()
         self._pending: set[str] = set()
+        self._generation: dict[str, int] = {}
         self._wake: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
@@ -79,13 +80,20 @@ class Dispatcher:
         """New work for ``agent_id`` (a submit or a cancel): try to push it now."""
         with self._lock:
             self._pending.add(agent_id)
+            self._generation[agent_id] = self._generation.get(agent_id, 0) + 1
         self._wake.put(agent_id)
 
     def refresh(self, agent_id: str) -> None:
-        """A test of this agent changed state; drop it from the fast set if nothing is left."""
+        """A test of this agent changed state; drop it from the fast set if nothing is left.
+
+        The query runs outside the lock, so a ``wake`` may land meanwhile: the generation
+        counter tells, and then the agent stays (its new work must not be forgotten)."""
+        with self._lock:
+            seen = self._generation.get(agent_id, 0)
         if not self._tests.pending_for(agent_id):
             with self._lock:
-                self._pending.discard(agent_id)
+                if self._generation.get(agent_id, 0) == seen:
+                    self._pending.discard(agent_id)
 
     def for_heartbeat(self, agent_id: str, agent_status: str) -> list[dict[str, Any]]:
         """Commands to return in this agent's heartbeat response (usually none, cheaply)."""

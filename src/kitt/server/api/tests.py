@@ -134,7 +134,8 @@ def logs(test_id: str) -> Any:
         return Response(_text(store, test.id), mimetype="text/plain; charset=utf-8")
     after = resume_after()
     hub: EventHub = current_app.extensions["kitt.events"]
-    return sse.stream(_log_frames(store, _tests(), hub, test.id, after))
+    slots: sse.StreamSlots = current_app.extensions["kitt.streams"]
+    return slots.stream(_log_frames(store, _tests(), hub, test.id, after))
 
 
 def _text(store: LogStore, test_id: str) -> Iterator[str]:
@@ -151,6 +152,10 @@ def _log_frames(
     try:
         while True:
             wake.clear()
+            # Status before rows: if it had ended already, every line is stored by now
+            # (agents ship lines before the final report), so an empty read means the end.
+            test = tests.get(test_id)
+            ended = test is None or test.status in TERMINAL_STATUSES
             rows = store.read(test_id, after, PAGE)
             if rows:
                 # One write per page, not per line: a chunked write per line caps the stream
@@ -162,10 +167,7 @@ def _log_frames(
                 )  # fmt: skip
                 after = rows[-1].seq
                 continue
-            test = tests.get(test_id)
-            # Agents ship every line before the final report, so once the test has ended
-            # and a read finds nothing newer, the log is complete.
-            if test is None or test.status in TERMINAL_STATUSES:
+            if ended:
                 status = test.status if test else "deleted"
                 yield sse.event("end", {"test_id": test_id, "status": status, "last_seq": after})
                 return
