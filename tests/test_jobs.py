@@ -408,3 +408,17 @@ def test_log_streams_cannot_take_every_agent_thread(fleet: Kitt) -> None:
             return r.status_code == 200
 
     wait_for(stream_opens, what="a stream slot freed")
+
+
+def test_a_stop_during_a_drain_stops_now(fleet: Kitt) -> None:
+    params, _release, _pids = hold_params(fleet, "hurry")
+    test = fleet.submit("hold", **params)
+    fleet.wait_status(test["id"], "running")
+    drainer = fleet.popen("agent", "stop", "--drain")
+    wait_for(lambda: "draining: waiting for test" in (fleet.home / "agent.log").read_text(),
+             what="agent draining")  # fmt: skip
+    stopped = fleet.run("agent", "stop")
+    assert stopped.returncode == 0
+    assert drainer.wait(timeout=30) == 0
+    done = fleet.wait_status(test["id"], "cancelled")
+    assert done["error"] == "cancelled: the agent was stopped"

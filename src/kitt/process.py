@@ -246,6 +246,9 @@ class Service(Protocol):
     def stop(self, drain: bool = False) -> None:
         """``drain``: let running work finish instead of interrupting it (SIGUSR1)."""
 
+    def hurry(self) -> None:
+        """A stop signal arrived while draining: stop interrupting work after all."""
+
 
 def run_until_signalled(service: Service, pidfile: PidFile) -> None:
     """Run a daemon in the foreground: lock the pid file, start, wait for a signal.
@@ -260,6 +263,11 @@ def run_until_signalled(service: Service, pidfile: PidFile) -> None:
 
     def _on_signal(signum: int, _frame: object) -> None:
         nonlocal drain
+        if stop.is_set():
+            if drain and signum != DRAIN_SIGNAL:
+                log.info("received %s while draining: stopping now", signal.Signals(signum).name)
+                service.hurry()
+            return
         drain = signum == DRAIN_SIGNAL
         how = "after running work finishes" if drain else "now"
         log.info("received %s, shutting down %s", signal.Signals(signum).name, how)

@@ -108,6 +108,9 @@ class AgentDaemon:
                     f"agent refused it: {exc}",
                 )  # fmt: skip
 
+    def hurry(self) -> None:
+        self.jobs.hurry()
+
     def stop(self, drain: bool = False) -> None:
         self.jobs.shutdown(None if drain else STOP_JOB_TIMEOUT_S, drain=drain)
         if self._heartbeat is not None:

@@ -40,6 +40,7 @@ from kitt.protocol import Command, RunTestPayload, describe_validation_error
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 10.0
+STOP_AFTER_HURRY_S = CANCEL_GRACE_S + 2
 RESULT_MAX_BYTES = 1024 * 1024 - 4096  # the result must fit the server's 1 MiB body limit
 
 
@@ -369,6 +370,7 @@ class JobManager:
         self._current: Job | None = None
         self._closing = False
         self._cancelled: set[str] = set()
+        self._hurry = threading.Event()
         self.logs = LogRegistry()
 
     @property
@@ -462,6 +464,10 @@ class JobManager:
             count += 1
         return count
 
+    def hurry(self) -> None:
+        """Turn a drain into a stop: the running test is cancelled after all."""
+        self._hurry.set()
+
     def shutdown(self, timeout: float | None, drain: bool = False) -> None:
         """Take no new work; cancel the running job (or, draining, let it finish) and wait."""
         with self._lock:
@@ -472,8 +478,11 @@ class JobManager:
             return
         if drain:
             log.info("draining: waiting for test %s to finish", job.test_id)
-        else:
-            job.cancel("shutdown")
-        job.join(timeout)
+            while job.is_alive() and not self._hurry.wait(0.2):
+                pass
+            if not job.is_alive():
+                return
+        job.cancel("shutdown")
+        job.join(timeout if not drain else STOP_AFTER_HURRY_S)
         if job.is_alive():
             log.error("test %s did not stop within %g s", job.test_id, timeout or 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 
 MAX_LINE_CHARS = 8192  # longer lines are split into several, never dropped
 DEFAULT_BUFFER_LINES = 10_000
+FLUSH_EVERY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class JobLog:
         self._buffer: deque[LogLine] = deque(maxlen=buffer_lines)
         self._cond = threading.Condition()
         self._next_seq = 1
+        self._flushed = time.monotonic()
         self.status: str | None = None  # set when the job ended
 
     @property
@@ -79,6 +82,10 @@ class JobLog:
                 self._buffer.append(line)
                 self._file.write(json.dumps(line.as_dict()) + "\n")
                 lines.append(line)
+            now = time.monotonic()
+            if now - self._flushed >= FLUSH_EVERY_S:  # bounded loss if the agent is killed
+                self._file.flush()
+                self._flushed = now
             self._cond.notify_all()
         return lines
 

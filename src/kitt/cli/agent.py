@@ -207,7 +207,7 @@ def stop(drain: bool, timeout: float | None) -> None:
     delivered), or with --drain allowed to finish."""
     if timeout is None and not drain:
         timeout = 30.0
-    if drain:
+    if drain and pid_state(agent_paths().pid).state == "running":
         click.echo("waiting for the running test (if any) to finish before the agent stops")
     try:
         pid = stop_daemon(

@@ -96,6 +96,9 @@ class ServerDaemon:
                 self.settings.host,
             )
 
+    def hurry(self) -> None:
+        """Nothing to hurry: the server's stop never waits on long-running work."""
+
     def stop(self, drain: bool = False) -> None:
         if self._reaper is not None:
             self._reaper.stop()
