@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import httpx_sse
+import psutil
 import pytest
 
 from conftest import Kitt, wait_for
@@ -181,3 +183,28 @@ def test_log_batches_are_checked_and_idempotent(fleet: Kitt) -> None:
         f"{fleet.server_url}/api/v1/tests/{test['id']}/logs", headers={"Last-Event-ID": "x"}
     )
     assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]
+
+
+def test_open_log_streams_do_not_keep_daemons_alive(fleet: Kitt, tmp_path: Path) -> None:
+    release = tmp_path / "never"
+    test = fleet.submit("spew", RELEASE=str(release), LINES=10)
+    fleet.wait_status(test["id"], "running")
+    readers = [
+        subprocess.Popen(["curl", "-sN", "--max-time", "60", url], stdout=subprocess.DEVNULL)
+        for url in (f"{fleet.server_url}/api/v1/tests/{test['id']}/logs",
+                    f"{fleet.agent_url}/api/logs/{test['command_id']}")
+    ]  # fmt: skip
+    server_pid = fleet.pid_of("server")
+    t0 = time.monotonic()
+    assert fleet.run("server", "stop").returncode == 0
+    assert time.monotonic() - t0 < 10  # a reader waiting for lines does not hold the server
+    assert server_pid is not None
+    try:
+        assert psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE  # exited, unreaped
+    except psutil.NoSuchProcess:
+        pass
+    t0 = time.monotonic()
+    assert fleet.run("agent", "stop").returncode == 0
+    assert time.monotonic() - t0 < 20
+    for reader in readers:
+        assert reader.wait(timeout=10) is not None  # both streams ended with their daemons

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -290,11 +290,38 @@ def run_until_signalled(service: Service, pidfile: PidFile) -> None:
         while not stop.wait(1.0):
             pass
         _sd_notify(b"STOPPING=1")
-        service.stop(drain=drain)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        try:
+            service.stop(drain=drain)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        exit_if_stuck()
     finally:
         pidfile.release()
+
+
+def run_steps(steps: Sequence[tuple[str, Callable[[], object]]]) -> None:
+    """Run shutdown steps in order; a failing step is logged and the rest still run."""
+    for name, step in steps:
+        try:
+            step()
+        except Exception:
+            log.exception("stopping the %s failed; carrying on with the shutdown", name)
+
+
+def exit_if_stuck(grace_s: float = 5.0) -> None:
+    """Called once a daemon has stopped: if a stray non-daemon thread still holds the
+    interpreter after ``grace_s`` (a library that did not let go), exit anyway, so a stop
+    always ends the process."""
+
+    def _force() -> None:
+        time.sleep(grace_s)
+        names = [t.name for t in threading.enumerate() if not t.daemon and t.is_alive()]
+        log.error("threads still running after the stop (%s); exiting anyway", ", ".join(names))
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=_force, name="exit-watchdog", daemon=True).start()
 
 
 def foreground_argv(module_args: Sequence[str]) -> list[str]:

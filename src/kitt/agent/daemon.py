@@ -19,6 +19,7 @@ from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry
 from kitt.http import WsgiServer
 from kitt.paths import AgentPaths
+from kitt.process import run_steps
 from kitt.protocol import Command
 
 log = logging.getLogger(__name__)
@@ -112,18 +113,27 @@ class AgentDaemon:
         self.jobs.hurry()
 
     def stop(self, drain: bool = False) -> None:
-        self.jobs.shutdown(None if drain else STOP_JOB_TIMEOUT_S, drain=drain)
+        # Every step runs even if one fails: a half-stopped agent never exits.
+        job_timeout = None if drain else STOP_JOB_TIMEOUT_S
+        run_steps([
+            ("running test", lambda: self.jobs.shutdown(job_timeout, drain=drain)),
+            ("heartbeat", self._stop_heartbeat),
+            ("report delivery", self._stop_sender),
+            ("live log readers", self.jobs.logs.close_readers),
+            ("listener", self._http.stop),
+            ("server client", lambda: self._client.close() if self._client else None),
+            ("GPU telemetry", lambda: self._telemetry.close() if self._telemetry else None),
+        ])  # fmt: skip
+        log.info("agent stopped")
+
+    def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat.join(timeout=5)
+
+    def _stop_sender(self) -> None:
         if self._sender is not None:
             self._sender.stop()
             self._sender.join(timeout=STOP_DELIVERY_S)
             if self._spool.items():
                 log.info("%d report(s) stay spooled for the next start", len(self._spool.items()))
-        self._http.stop()
-        if self._client is not None:
-            self._client.close()
-        if self._telemetry is not None:
-            self._telemetry.close()
-        log.info("agent stopped")

@@ -65,6 +65,7 @@ class JobLog:
         self._cond = threading.Condition()
         self._next_seq = 1
         self._flushed = time.monotonic()
+        self._readers_closed = False
         self.status: str | None = None  # set when the job ended
 
     @property
@@ -88,6 +89,12 @@ class JobLog:
                 self._flushed = now
             self._cond.notify_all()
         return lines
+
+    def close_readers(self) -> None:
+        """The agent is stopping: end every live reader now (each holds a server thread)."""
+        with self._cond:
+            self._readers_closed = True
+            self._cond.notify_all()
 
     def finish(self, status: str) -> None:
         with self._cond:
@@ -121,7 +128,9 @@ class JobLog:
         while True:
             with self._cond:
                 if next_seq >= self._next_seq and self.status is None and follow:
-                    self._cond.wait(keepalive_s)
+                    if not self._readers_closed:
+                        self._cond.wait(keepalive_s)
+                    follow = not self._readers_closed
                 oldest = self._buffer[0].seq if self._buffer else self._next_seq
                 available = [line for line in self._buffer if line.seq >= next_seq]
                 status = self.status
@@ -168,3 +177,9 @@ class LogRegistry:
     def get(self, command_id: str) -> JobLog | None:
         with self._lock:
             return self._logs.get(command_id)
+
+    def close_readers(self) -> None:
+        with self._lock:
+            logs = list(self._logs.values())
+        for log in logs:
+            log.close_readers()

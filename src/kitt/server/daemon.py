@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -13,6 +12,7 @@ from kitt import __version__
 from kitt.errors import KittError
 from kitt.http import WsgiServer
 from kitt.paths import ensure_dir, write_private
+from kitt.process import run_steps
 from kitt.server.app import create_app
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
@@ -44,6 +44,7 @@ class ServerDaemon:
         self._reaper: Reaper | None = None
         self._heartbeats: HeartbeatWriter | None = None
         self._dispatcher: Dispatcher | None = None
+        self._events: EventHub | None = None
 
     def start(self) -> None:
         self._http = WsgiServer(
@@ -56,7 +57,7 @@ class ServerDaemon:
         self._http.bind()  # a port clash fails the start before the database is touched
         self._engine = open_database(self.settings)
         store = AgentStore(self._engine)
-        events = EventHub()
+        events = self._events = EventHub()
         tests = TestStore(self._engine, on_change=events.notify)
         self._heartbeats = heartbeat_writer(store)
         self._heartbeats.start()
@@ -100,18 +101,24 @@ class ServerDaemon:
         """Nothing to hurry: the server's stop never waits on long-running work."""
 
     def stop(self, drain: bool = False) -> None:
+        # Every step runs even if one fails: a half-stopped server never exits.
+        steps = []
         if self._reaper is not None:
-            self._reaper.stop()
-            self._reaper.join(timeout=5)
+            steps.append(("reaper", self._reaper.stop))
+        if self._events is not None:
+            steps.append(("live streams", self._events.close))  # frees their threads
         if self._http is not None:
-            self._http.stop()
+            steps.append(("listener", self._http.stop))
         if self._heartbeats is not None:
-            self._heartbeats.stop()
+            steps.append(("heartbeat writer", self._heartbeats.stop))
         if self._dispatcher is not None:
-            self._dispatcher.stop()
+            steps.append(("dispatcher", self._dispatcher.stop))
         if self._engine is not None:
-            self._engine.dispose()
-        Path(self.settings.paths.endpoint).unlink(missing_ok=True)
+            steps.append(("database", self._engine.dispose))
+        steps.append(
+            ("endpoint file", lambda: self.settings.paths.endpoint.unlink(missing_ok=True))
+        )
+        run_steps(steps)
         log.info("server stopped")
 
 

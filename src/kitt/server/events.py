@@ -16,6 +16,15 @@ class EventHub:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: defaultdict[str, set[threading.Event]] = defaultdict(set)
+        self.closed = False
+
+    def close(self) -> None:
+        """Server stopping: wake every subscriber so its stream ends and frees its thread."""
+        with self._lock:
+            self.closed = True
+            subs = [w for ws in self._subscribers.values() for w in ws]
+        for wake in subs:
+            wake.set()
 
     def subscribe(self, topic: str) -> threading.Event:
         wake = threading.Event()

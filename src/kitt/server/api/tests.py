@@ -167,7 +167,7 @@ def _log_frames(
                 )  # fmt: skip
                 after = rows[-1].seq
                 continue
-            if ended:
+            if ended or hub.closed:
                 status = test.status if test else "deleted"
                 yield sse.event("end", {"test_id": test_id, "status": status, "last_seq": after})
                 return
