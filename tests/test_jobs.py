@@ -24,6 +24,7 @@ def fleet(kitt: Kitt) -> Kitt:
     kitt.add_benchmark("lines", "lines_and_result.py", timeout_s=60)
     kitt.add_benchmark("hold", "hold.py", timeout_s=120)
     kitt.add_benchmark("slow", "hold.py", timeout_s=1)
+    kitt.add_benchmark("spew", "spew.py", timeout_s=60)
     kitt.run("agent", "start", check=True)
     wait_for(lambda: kitt.agent("gpu-01").get("status") == "idle", what="agent idle")
     return kitt
@@ -41,7 +42,7 @@ def job_dir(kitt: Kitt, test: dict[str, Any]) -> Path:
 
 def test_custom_benchmark_runs_and_its_result_is_stored(fleet: Kitt) -> None:
     agent = fleet.agent("gpu-01")
-    assert agent["capabilities"] == ["hold", "lines", "slow"]
+    assert agent["capabilities"] == ["hold", "lines", "slow", "spew"]
     result = fleet.run("test", "run", "--agent", "gpu-01", "--benchmark", "lines",
                        "--param", "lines=7", "--param", "label=h100 run", "--follow")  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -139,7 +140,7 @@ def test_submit_errors_are_clear(fleet: Kitt) -> None:
     r = post({"agent": "nobody", "benchmark": "lines"})
     assert r.status_code == 404 and "nobody" in r.json()["error"]
     r = post({"agent": "gpu-01", "benchmark": "nope"})
-    assert r.status_code == 400 and "it offers: hold, lines, slow" in r.json()["error"]
+    assert r.status_code == 400 and "it offers: hold, lines, slow, spew" in r.json()["error"]
     r = post({"agent": "any", "benchmark": "lines", "gpu": "B200"})
     assert r.status_code == 409 and "B200" in r.json()["error"]
     r = post({"agent": "gpu-01", "benchmark": "bad name!"})
@@ -335,10 +336,6 @@ def test_agent_stop_drain_lets_the_test_finish_and_takes_no_new_one(fleet: Kitt)
 
 
 def test_server_killed_mid_test_gets_every_line_and_the_result_once(fleet: Kitt) -> None:
-    fleet.add_benchmark("spew", "spew.py", timeout_s=60)
-    fleet.run("agent", "stop", check=True)
-    fleet.run("agent", "start", check=True)
-    wait_for(lambda: "spew" in fleet.agent("gpu-01").get("capabilities", []), what="new benchmark")
     release = fleet.home.parent / "spew-go"
     test = fleet.submit("spew", RELEASE=str(release), LINES=5000)
     fleet.wait_status(test["id"], "running")
@@ -382,10 +379,6 @@ def test_reports_with_out_of_range_values_are_400(fleet: Kitt) -> None:
 def test_log_streams_cannot_take_every_agent_thread(fleet: Kitt) -> None:
     import socket as socketlib
 
-    fleet.add_benchmark("spew", "spew.py", timeout_s=60)
-    fleet.run("agent", "stop", check=True)
-    fleet.run("agent", "start", check=True)
-    wait_for(lambda: "spew" in fleet.agent("gpu-01").get("capabilities", []), what="new benchmark")
     release = fleet.home.parent / "streams-go"
     test = fleet.submit("spew", RELEASE=str(release), LINES=50_000, WIDTH=200)
     fleet.wait_status(test["id"], "running")
