@@ -20,7 +20,6 @@ from pydantic import (
     ValidationError,
 )
 
-PROTOCOL_VERSION = 1
 MAX_BODY_BYTES = 1024 * 1024
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_RE = re.compile(ID_PATTERN)
@@ -44,10 +43,6 @@ class WireModel(BaseModel):
 class Health(WireModel):
     status: Literal["ok"] = "ok"
     version: str
-
-
-class ErrorBody(WireModel):
-    error: str
 
 
 class GpuStatic(WireModel):

@@ -14,7 +14,7 @@ from kitt.agent.hardware import registration
 from kitt.agent.heartbeat import HeartbeatThread
 from kitt.agent.jobs import CommandError, JobManager, spool_result
 from kitt.agent.server_client import ServerClient
-from kitt.agent.spool import AGENT_ID, Spool, SpoolSender
+from kitt.agent.spool import Spool, SpoolSender
 from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry
 from kitt.http import WsgiServer
@@ -98,10 +98,10 @@ class AgentDaemon:
                     # The test never reached this agent (its run_test was lost): say it
                     # is cancelled, or the server would wait for it forever.
                     log.info("cancel of test %s: %s; reporting it cancelled", command.test_id, exc)
-                    self._spool.put(
-                        "status", f"/api/v1/agents/{AGENT_ID}/tests/{command.test_id}/status",
+                    self._spool.put_status(
+                        command.test_id,
                         {"status": "cancelled", "error": "cancelled before it reached the agent"},
-                    )  # fmt: skip
+                    )
                     continue
                 log.warning("cannot run test %s: %s", command.test_id, exc)
                 spool_result(

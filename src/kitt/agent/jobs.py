@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from kitt.agent.config import AgentConfig, CustomBenchmark
 from kitt.agent.log_streamer import JobLog, LogLine, LogRegistry
-from kitt.agent.spool import AGENT_ID, Spool
+from kitt.agent.spool import Spool
 from kitt.agent.state import AgentState
 from kitt.errors import KittError
 from kitt.paths import PRIVATE_DIR, ensure_dir, write_private
@@ -83,12 +83,17 @@ def spool_result(
         "error": error,
         "finished_at": _now(),
     }
-    spool.put("result", f"/api/v1/agents/{AGENT_ID}/results", body)
+    spool.put_result(body)
 
 
 def _wire_size(line: LogLine) -> int:
-    """Bytes a line takes in a JSON batch (escaping of non-ASCII text included)."""
-    return len(json.dumps(line.line)) + 64
+    """Bytes a line takes in a JSON batch (escaping of non-ASCII text included). Runs once
+    per output line, so printable ASCII (the usual case) is counted exactly without
+    encoding it: only ``"`` and ``\\`` grow, by one byte each."""
+    text = line.line
+    if text.isascii() and text.isprintable():
+        return len(text) + text.count('"') + text.count("\\") + 2 + 64
+    return len(json.dumps(text)) + 64
 
 
 class LogShipper(threading.Thread):
@@ -107,7 +112,7 @@ class LogShipper(threading.Thread):
     def __init__(self, spool: Spool, test_id: str) -> None:
         super().__init__(name=f"log-shipper-{test_id}", daemon=True)
         self._spool = spool
-        self._path = f"/api/v1/agents/{AGENT_ID}/tests/{test_id}/logs"
+        self._test_id = test_id
         self._pending: list[LogLine] = []
         self._pending_bytes = 0
         self._lock = threading.Lock()
@@ -136,12 +141,12 @@ class LogShipper(threading.Thread):
         for line in batch:
             cost = _wire_size(line)
             if chunk and (len(chunk) >= self.MAX_LINES or size + cost > self.MAX_BYTES):
-                self._spool.put("logs", self._path, {"lines": chunk})
+                self._spool.put_logs(self._test_id, chunk)
                 chunk, size = [], 0
             chunk.append(line.as_dict())
             size += cost
         if chunk:
-            self._spool.put("logs", self._path, {"lines": chunk})
+            self._spool.put_logs(self._test_id, chunk)
 
     def run(self) -> None:
         while not self._done.wait(self.INTERVAL_S):
@@ -178,8 +183,6 @@ class Job(threading.Thread):
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._stop_reason: str | None = None  # "cancelled", "shutdown" or "timeout"
-        self.final_status: str | None = None
-        self._started_at = ""
 
     # -- control -------------------------------------------------------------------------
 
@@ -213,21 +216,19 @@ class Job(threading.Thread):
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        started = self._started_at = _now()
-        self._write_state("running", started_at=started)
+        started = _now()
         self._report_status("running", started_at=started)
         self._shipper.start()
         status, error, result = "failed", None, None
         try:
-            status, error, result = self._execute()
+            status, error, result = self._execute(started)
         except Exception as exc:  # a bug here must still end the test, not hang it
             log.exception("job for test %s crashed", self.test_id)
             error = f"agent error while running the benchmark: {exc}"
-        if result is not None and len(json.dumps(result)) > RESULT_MAX_BYTES:
-            size = len(json.dumps(result))
+        size = len(json.dumps(result)) if result is not None else 0
+        if size > RESULT_MAX_BYTES:
             status, result = "failed", None
             error = f"the result is {size} bytes as JSON; the limit is {RESULT_MAX_BYTES}"
-        self.final_status = status
         self._shipper.close()
         self.log.finish(status)
         # The report first: a kill between the two leaves state "running", which the next
@@ -237,7 +238,7 @@ class Job(threading.Thread):
         log.info("test %s %s%s", self.test_id, status, f": {error}" if error else "")
         self._on_end(self)
 
-    def _execute(self) -> tuple[str, str | None, dict[str, Any] | None]:
+    def _execute(self, started: str) -> tuple[str, str | None, dict[str, Any] | None]:
         result_file = self._result_path()
         result_file.unlink(missing_ok=True)  # an absolute path may hold a previous run's result
         params_file = self.workdir / "params.json"
@@ -274,10 +275,10 @@ class Job(threading.Thread):
             except OSError as exc:
                 return "failed", f"cannot start {self.benchmark.command[0]!r}: {exc.strerror}", None
         proc = self._proc
-        # Recorded so that an agent restarted after kill -9 can end an orphaned benchmark.
-        with contextlib.suppress(psutil.Error):
-            self._write_state("running", started_at=self._started_at, pgid=proc.pid,
-                              pgid_started=psutil.Process(proc.pid).create_time())  # fmt: skip
+        # The process group is recorded so that an agent restarted after kill -9 can end an
+        # orphaned benchmark (state "accepted", written at accept time, covers the rest).
+        self._write_state("running", started_at=started, pgid=proc.pid,
+                          pgid_started=_create_time(proc.pid))  # fmt: skip
         timer = threading.Timer(self.benchmark.timeout_s, self.cancel, args=("timeout",))
         timer.daemon = True
         timer.start()
@@ -333,7 +334,7 @@ class Job(threading.Thread):
 
     def _report_status(self, status: str, **fields: Any) -> None:
         body = {"status": status, **fields}
-        self._spool.put("status", f"/api/v1/agents/{AGENT_ID}/tests/{self.test_id}/status", body)
+        self._spool.put_status(self.test_id, body)
 
     def _write_state(self, status: str, **fields: Any) -> None:
         state = {"test_id": self.test_id, "command_id": self.command.command_id,
@@ -341,16 +342,20 @@ class Job(threading.Thread):
         write_private(self.workdir / "state.json", json.dumps(state))
 
 
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def _kill_orphan(state: dict[str, Any]) -> None:
     """End a benchmark whose agent died under it, if that very process group still runs."""
     pgid, started = state.get("pgid"), state.get("pgid_started")
     if not isinstance(pgid, int) or started is None:
         return
-    try:
-        same = abs(psutil.Process(pgid).create_time() - float(started)) < 0.01
-    except psutil.Error:
-        return
-    if same:
+    now_started = _create_time(pgid)
+    if now_started is not None and abs(now_started - float(started)) < 0.01:
         log.warning("killing the orphaned benchmark process group %d", pgid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)

@@ -68,11 +68,6 @@ class JobLog:
         self._readers_closed = False
         self.status: str | None = None  # set when the job ended
 
-    @property
-    def last_seq(self) -> int:
-        with self._cond:
-            return self._next_seq - 1
-
     def append(self, raw: bytes) -> list[LogLine]:
         ts = datetime.now(timezone.utc).isoformat()
         lines = []

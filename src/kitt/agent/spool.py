@@ -50,6 +50,17 @@ class Spool:
         self.changed.set()
         return target
 
+    # The three kinds of report, each to its endpoint (ARCHITECTURE.md §4).
+
+    def put_status(self, test_id: str, body: dict[str, Any]) -> None:
+        self.put("status", f"/api/v1/agents/{AGENT_ID}/tests/{test_id}/status", body)
+
+    def put_logs(self, test_id: str, lines: list[dict[str, Any]]) -> None:
+        self.put("logs", f"/api/v1/agents/{AGENT_ID}/tests/{test_id}/logs", {"lines": lines})
+
+    def put_result(self, body: dict[str, Any]) -> None:
+        self.put("result", f"/api/v1/agents/{AGENT_ID}/results", body)
+
     def items(self) -> list[Path]:
         return sorted(p for p in self.directory.glob("*.json") if p.name[0].isdigit())
 
@@ -124,10 +135,10 @@ class SpoolSender(threading.Thread):
             return  # not a result, or the server does not want this test's reports at all
         test_id = entry["body"].get("test_id")
         if isinstance(test_id, str):
-            self._spool.put(
-                "status", f"/api/v1/agents/{AGENT_ID}/tests/{test_id}/status",
+            self._spool.put_status(
+                test_id,
                 {"status": "failed", "error": f"the server refused the result: {exc.message}"},
-            )  # fmt: skip
+            )
 
     def _retry(self, item: Path, exc: KittError) -> float:
         if not self._failing:

@@ -16,7 +16,6 @@ from kitt.errors import KittError
 
 # soft_wrap: a long value (an error, a URL) stays on one line when output is piped.
 console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
 
 
 class KittGroup(click.Group):

@@ -9,8 +9,6 @@ at least once.
 
 from __future__ import annotations
 
-from kitt.protocol import TERMINAL_STATUSES
-
 ALLOWED: dict[str, frozenset[str]] = {
     # The agent's own "running" (or final) report can overtake the dispatcher recording
     # that its push was accepted: the report proves the dispatch happened.
@@ -41,7 +39,3 @@ def check(test_id: str, current: str, wanted: str) -> bool:
     if wanted not in ALLOWED.get(current, frozenset()):
         raise IllegalTransitionError(test_id, current, wanted)
     return True
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL_STATUSES

@@ -53,8 +53,6 @@ class GroupCommit(Generic[T, R]):
         self._queue: queue.SimpleQueue[_Pending[T, R] | None] = queue.SimpleQueue()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.batches = 0
-        self.items = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -105,8 +103,6 @@ class GroupCommit(Generic[T, R]):
                 p.error = exc
                 p.done.set()
             return
-        self.batches += 1
-        self.items += len(batch)
         for p, result in zip(batch, results, strict=True):
             p.result = result
             p.done.set()

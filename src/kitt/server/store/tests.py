@@ -59,61 +59,67 @@ class TestStore:
 
     def transition(self, test_id: str, wanted: str, **fields: Any) -> tuple[TestRun, bool]:
         """Move a test to ``wanted`` (checked), setting ``fields`` only when it changes.
+        Returns the test and whether anything changed."""
 
-        Returns the test and whether anything changed. The write is a compare-and-set on
-        the status it was checked against (``UPDATE … WHERE status = <seen>``), so two
-        racing reports cannot both apply: SQLite has no row locks, and its driver reads
-        outside the write transaction, so a plain read-check-write would lose updates.
-        """
-        for _ in range(10):
-            current = self.get(test_id)
-            if current is None:
-                raise KeyError(test_id)
+        def decide(current: TestRun) -> dict[str, Any] | None:
             if not check(test_id, current.status, wanted):
-                return current, False
-            values: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+                return None
+            values = {k: v for k, v in fields.items() if v is not None}
             values["status"] = wanted
             if current.status == "queued" and wanted not in ("dispatched", "cancelled"):
                 # The agent's report overtook the dispatcher's record of the push.
                 values.setdefault(
                     "dispatched_at", fields.get("started_at") or fields.get("finished_at")
                 )
-            if self._compare_and_set(test_id, current.status, values):
+            return values
+
+        return self._change(test_id, wanted, decide)
+
+    def request_cancel(self, test_id: str, now: datetime) -> TestRun:
+        """Cancel a queued test outright; flag an active one for its agent to stop."""
+
+        def decide(current: TestRun) -> dict[str, Any]:
+            if current.status == "queued":
+                return {"status": "cancelled", "finished_at": now,
+                        "error": "cancelled before it was dispatched"}  # fmt: skip
+            if current.status in ACTIVE:
+                return {"cancel_requested": True}
+            # It has already ended, cancelled included.
+            raise IllegalTransitionError(test_id, current.status, "cancelled")
+
+        return self._change(test_id, "cancelled", decide)[0]
+
+    def _change(
+        self,
+        test_id: str,
+        wanted: str,
+        decide: Callable[[TestRun], dict[str, Any] | None],
+    ) -> tuple[TestRun, bool]:
+        """Read, ``decide`` what to write (None: nothing), write it as a compare-and-set on
+        the status that was read (``UPDATE … WHERE status = <seen>``), retry if it moved.
+
+        SQLite has no row locks and its driver reads outside the write transaction, so a
+        plain read-check-write would let two racing reports both apply.
+        """
+        for _ in range(10):
+            current = self.get(test_id)
+            if current is None:
+                raise KeyError(test_id)
+            values = decide(current)
+            if values is None:
+                return current, False
+            with self.sessions.begin() as s:
+                result = s.execute(
+                    update(TestRun)
+                    .where(TestRun.id == test_id, TestRun.status == current.status)
+                    .values(values)
+                )
+            if result.rowcount:  # type: ignore[attr-defined]
                 self._on_change(test_id)
                 updated = self.get(test_id)
                 assert updated is not None  # noqa: S101 - tests are never deleted alone
                 return updated, True
         raise IllegalTransitionError(test_id, "changing", wanted)
-
-    def request_cancel(self, test_id: str, now: datetime) -> TestRun:
-        """Cancel a queued test outright; flag an active one for its agent to stop."""
-        for _ in range(10):
-            test = self.get(test_id)
-            if test is None:
-                raise KeyError(test_id)
-            if test.status == "queued":
-                values: dict[str, Any] = {
-                    "status": "cancelled",
-                    "finished_at": now,
-                    "error": "cancelled before it was dispatched",
-                }
-            elif test.status in ACTIVE:
-                values = {"cancel_requested": True}
-            else:  # it has already ended, cancelled included
-                raise IllegalTransitionError(test_id, test.status, "cancelled")
-            if self._compare_and_set(test_id, test.status, values):
-                self._on_change(test_id)
-                updated = self.get(test_id)
-                assert updated is not None  # noqa: S101
-                return updated
-        raise IllegalTransitionError(test_id, "changing", "cancelled")
-
-    def _compare_and_set(self, test_id: str, seen: str, values: dict[str, Any]) -> bool:
-        with self.sessions.begin() as s:
-            result = s.execute(
-                update(TestRun).where(TestRun.id == test_id, TestRun.status == seen).values(values)
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def pending_for(self, agent_id: str) -> list[TestRun]:
         """Work for one agent, oldest first: queued tests, dispatched tests the agent has not
