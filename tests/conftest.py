@@ -142,8 +142,48 @@ class Kitt:
             what=f"test {test_id} to become {'/'.join(statuses)}",
         )
 
-    def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.server_url + path, timeout=10, **kw)
+    @property
+    def admin_token(self) -> str:
+        """The server's admin token ("" for a --no-auth server, which makes none)."""
+        path = self.home / "server" / "admin-token"
+        return path.read_text().strip() if path.exists() else ""
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        token: str | None = "admin",
+        **kw: Any,
+    ) -> httpx.Response:
+        """A call to the server, as the admin unless ``token`` says otherwise (None: none)."""
+        headers = dict(kw.pop("headers", None) or {})
+        if token == "admin" and not self.admin_token:
+            token = None
+        if token is not None:
+            headers.setdefault(
+                "Authorization", f"Bearer {self.admin_token if token == 'admin' else token}"
+            )
+        return httpx.request(method, self.server_url + path, timeout=10, headers=headers, **kw)
+
+    def agent_config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.home / "agent.yaml").read_text())  # type: ignore[no-any-return]
+
+    def as_server(self) -> dict[str, str]:
+        """Headers the server presents when it calls the agent (the agent's push key)."""
+        from kitt.tokens import push_key
+
+        return {"Authorization": f"Bearer {push_key(self.agent_config()['token'])}"}
+
+    def auth_for(self, url: str) -> dict[str, str]:
+        """The credential a real caller of ``url`` presents: the server's push key toward
+        the agent, the admin token toward the server."""
+        if url.startswith(self.agent_url):
+            return self.as_server()
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
+    def bootstrap_token(self, uses: int = 1, ttl: str = "1h") -> str:
+        return self.run("server", "token", "create", "--quiet", "--uses", str(uses), "--ttl", ttl,
+                        check=True).stdout.strip()  # fmt: skip
 
     def agents(self) -> list[dict[str, Any]]:
         body = self.api("GET", "/api/v1/agents").json()

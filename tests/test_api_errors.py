@@ -29,10 +29,13 @@ def server(kitt: Kitt) -> Iterator[Kitt]:
     yield kitt
 
 
-def _registered(kitt: Kitt) -> str:
-    response = kitt.api("POST", "/api/v1/agents/register", json=REGISTER)
-    assert response.status_code == 201
-    return str(response.json()["agent_id"])
+def _registered(kitt: Kitt) -> tuple[str, str]:
+    """Register "probe" as an agent would (bootstrap token); return its id and own token."""
+    response = kitt.api(
+        "POST", "/api/v1/agents/register", token=kitt.bootstrap_token(), json=REGISTER
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["agent_id"]), str(response.json()["token"])
 
 
 def _assert_error(response: httpx.Response, status: int, *needles: str) -> str:
@@ -45,18 +48,20 @@ def _assert_error(response: httpx.Response, status: int, *needles: str) -> str:
     return message
 
 
-def _post_raw(kitt: Kitt, path: str, body: bytes) -> httpx.Response:
-    return kitt.api("POST", path, content=body, headers={"Content-Type": "application/json"})
+def _post_raw(kitt: Kitt, path: str, body: bytes, token: str) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    return kitt.api("POST", path, token=token, content=body, headers=headers)
 
 
 @pytest.mark.parametrize("path", ["/api/v1/agents/register", "/api/v1/agents/{id}/heartbeat"])
 def test_malformed_bodies_are_400(server: Kitt, path: str) -> None:
-    path = path.format(id=_registered(server))
-    _assert_error(_post_raw(server, path, b"{not json"), 400, "valid JSON")
-    _assert_error(_post_raw(server, path, b""), 400, "valid JSON")
-    _assert_error(_post_raw(server, path, b"[1, 2]"), 400, "JSON object")
-    _assert_error(_post_raw(server, path, b'"text"'), 400, "JSON object")
-    _assert_error(_post_raw(server, path, "\udcff".encode("utf-8", "surrogatepass")), 400)
+    agent_id, token = _registered(server)
+    path = path.format(id=agent_id)
+    _assert_error(_post_raw(server, path, b"{not json", token), 400, "valid JSON")
+    _assert_error(_post_raw(server, path, b"", token), 400, "valid JSON")
+    _assert_error(_post_raw(server, path, b"[1, 2]", token), 400, "JSON object")
+    _assert_error(_post_raw(server, path, b'"text"', token), 400, "JSON object")
+    _assert_error(_post_raw(server, path, "\udcff".encode("utf-8", "surrogatepass"), token), 400)
 
 
 def test_register_wrong_types_and_missing_fields_name_the_field(server: Kitt) -> None:
@@ -73,33 +78,34 @@ def test_register_wrong_types_and_missing_fields_name_the_field(server: Kitt) ->
 
 
 def test_heartbeat_wrong_types_missing_fields_and_unknown_agent(server: Kitt) -> None:
-    agent_id = _registered(server)
+    agent_id, token = _registered(server)
     url = f"/api/v1/agents/{agent_id}/heartbeat"
-    _assert_error(server.api("POST", url, json={**BEAT, "status": "sleeping"}), 400, "status")
-    _assert_error(server.api("POST", url, json={"status": "idle"}), 400, "uptime_s")
-    _assert_error(server.api("POST", url, json={**BEAT, "gpus": [{"index": 0, "utilization_pct": 250}]}),
+
+    def beat(body: Any, path: str = url) -> httpx.Response:
+        return server.api("POST", path, token=token, json=body)
+
+    _assert_error(beat({**BEAT, "status": "sleeping"}), 400, "status")
+    _assert_error(beat({"status": "idle"}), 400, "uptime_s")
+    _assert_error(beat({**BEAT, "gpus": [{"index": 0, "utilization_pct": 250}]}),
                   400, "gpus.0.utilization_pct")  # fmt: skip
-    _assert_error(server.api("POST", url, json={**BEAT, "gpus": "all"}), 400, "gpus")
-    _assert_error(
-        server.api("POST", "/api/v1/agents/agt_nope/heartbeat", json=BEAT), 404, "register again"
-    )
-    _assert_error(
-        server.api("POST", f"/api/v1/agents/{'a' * 65}/heartbeat", json=BEAT), 400, "agent id"
-    )
-    _assert_error(
-        server.api("POST", "/api/v1/agents/bad.id!/heartbeat", json=BEAT), 400, "agent id"
-    )
+    _assert_error(beat({**BEAT, "gpus": "all"}), 400, "gpus")
+    # Another agent's id with this agent's token: refused, not "register again".
+    _assert_error(beat(BEAT, "/api/v1/agents/agt_nope/heartbeat"), 403, "belongs to agent 'probe'")
+    _assert_error(beat(BEAT, f"/api/v1/agents/{'a' * 65}/heartbeat"), 400, "agent id")
+    _assert_error(beat(BEAT, "/api/v1/agents/bad.id!/heartbeat"), 400, "agent id")
     assert server.heartbeats("probe") == []  # no rejected beat was stored
-    assert server.api("POST", url, json=BEAT).status_code == 200
+    assert beat(BEAT).status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/api/v1/agents/register", "/api/v1/agents/{id}/heartbeat"])
 def test_oversized_body_is_413_and_server_stays_up(server: Kitt, path: str) -> None:
-    path = path.format(id=_registered(server))
-    _assert_error(_post_raw(server, path, TWO_MIB), 413, "too large")
+    agent_id, token = _registered(server)
+    path = path.format(id=agent_id)
+    _assert_error(_post_raw(server, path, TWO_MIB, token), 413, "too large")
     # curl, a second real client, sends the same body chunked (no Content-Length).
     proc = subprocess.run(
         ["curl", "-sS", "-X", "POST", "-H", "Content-Type: application/json",
+         "-H", f"Authorization: Bearer {token}",
          "-H", "Transfer-Encoding: chunked", "--data-binary", "@-",
          "-w", "\n%{http_code}", server.server_url + path],
         input=TWO_MIB, capture_output=True, timeout=30, check=False,
@@ -130,24 +136,27 @@ def test_fleet_endpoints_bad_input(server: Kitt) -> None:
 
 
 def test_delete_agent_removes_it_and_its_history(server: Kitt) -> None:
-    agent_id = _registered(server)
+    agent_id, token = _registered(server)
+    url = f"/api/v1/agents/{agent_id}/heartbeat"
     for _ in range(3):
-        assert (
-            server.api("POST", f"/api/v1/agents/{agent_id}/heartbeat", json=BEAT).status_code == 200
-        )
+        assert server.api("POST", url, token=token, json=BEAT).status_code == 200
     assert len(server.heartbeats("probe")) == 3
     result = server.run("agents", "remove", "probe", "--yes")
     assert result.returncode == 0 and agent_id in result.stdout
     assert server.agents() == []
-    _assert_error(server.api("POST", f"/api/v1/agents/{agent_id}/heartbeat", json=BEAT), 404)
+    # Its credential went with it: the old token no longer works at all.
+    _assert_error(server.api("POST", url, token=token, json=BEAT), 401, "not accepted")
     missing = server.run("agents", "remove", "probe", "--yes")
     assert missing.returncode == 1 and "no agent with id or name 'probe'" in missing.stderr
 
 
 def test_register_is_idempotent_by_name(server: Kitt) -> None:
-    first = _registered(server)
-    again = server.api("POST", "/api/v1/agents/register", json={**REGISTER, "port": 9999})
+    first, token = _registered(server)
+    again = server.api(
+        "POST", "/api/v1/agents/register", token=token, json={**REGISTER, "port": 9999}
+    )
     assert again.status_code == 201 and again.json()["agent_id"] == first
+    assert again.json()["token"] is None  # the agent token is handed out once only
     assert again.json()["heartbeat_interval_s"] == 30.0
     agents = server.agents()
     assert len(agents) == 1 and agents[0]["port"] == 9999

@@ -30,7 +30,7 @@ def test_init_writes_private_config_atomically(kitt: Kitt) -> None:
 
 
 def test_init_defaults_name_to_hostname_and_port_8090(kitt: Kitt) -> None:
-    kitt.run("agent", "init", "--server", "https://kitt.example:8080", check=True)
+    kitt.run("agent", "init", "--server", "http://kitt.example:8080", check=True)
     data = yaml.safe_load((kitt.home / "agent.yaml").read_text())
     assert data["name"] == socket.gethostname().split(".")[0]
     from kitt.agent.config import load_config
@@ -67,7 +67,7 @@ def test_rerunning_init_updates_and_keeps_unrelated_keys(kitt: Kitt) -> None:
 def test_init_rejects_bad_server_urls(kitt: Kitt, url: str, needle: str) -> None:
     result = kitt.run("agent", "init", "--server", url, "--name", "x")
     assert result.returncode == 2
-    assert needle in result.stderr and "server_url" in result.stderr
+    assert needle in result.stderr and "--server" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (kitt.home / "agent.yaml").exists()
 

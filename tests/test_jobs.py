@@ -88,7 +88,7 @@ def test_running_state_busy_agent_and_queued_follow_up(fleet: Kitt) -> None:
     assert status["status"] == "running" and status["current_task"] == first["id"]
 
     # The agent itself refuses a second run_test while busy, naming the running test.
-    direct = httpx.post(fleet.agent_url + "/api/commands", json={
+    direct = httpx.post(fleet.agent_url + "/api/commands", headers=fleet.as_server(), json={
         "command_id": "cmd_direct", "type": "run_test", "test_id": "tst_direct",
         "payload": {"benchmark": "lines"}})  # fmt: skip
     assert direct.status_code == 409 and first["id"] in direct.json()["error"]
@@ -164,7 +164,7 @@ def test_agent_command_endpoint_rejects_bad_commands(fleet: Kitt) -> None:
     }
 
     def err(body: Any, status: int, needle: str) -> None:
-        r = httpx.post(url, json=body)
+        r = httpx.post(url, json=body, headers=fleet.as_server())
         assert r.status_code == status, r.text
         assert needle in r.json()["error"]
 
@@ -176,8 +176,8 @@ def test_agent_command_endpoint_rejects_bad_commands(fleet: Kitt) -> None:
     err({**base, "type": "cancel", "test_id": "tst_none"}, 404, "not running on this agent")
     err("[]", 400, "JSON object")
     # The same command twice: accepted both times, run once.
-    assert httpx.post(url, json=base).status_code == 202
-    assert httpx.post(url, json=base).status_code == 202
+    assert httpx.post(url, json=base, headers=fleet.as_server()).status_code == 202
+    assert httpx.post(url, json=base, headers=fleet.as_server()).status_code == 202
     wait_for(lambda: (fleet.home / "jobs" / "cmd_x1" / "state.json").exists()
              and json.loads((fleet.home / "jobs" / "cmd_x1" / "state.json").read_text())["status"] != "running",
              what="direct job finished")  # fmt: skip
@@ -188,33 +188,43 @@ def test_agent_reports_are_checked_by_the_server(fleet: Kitt) -> None:
     test = fleet.submit("lines")
     done = fleet.wait_status(test["id"], "completed")
     agent_id = fleet.agent("gpu-01")["id"]
-    other = fleet.api("POST", "/api/v1/agents/register", json={
-        "name": "intruder", "hostname": "h", "port": 1, "kitt_version": "x"}).json()["agent_id"]  # fmt: skip
+    token = fleet.agent_config()["token"]
+    intruder = fleet.api("POST", "/api/v1/agents/register", token=fleet.bootstrap_token(), json={
+        "name": "intruder", "hostname": "h", "port": 1, "kitt_version": "x"}).json()  # fmt: skip
+    other = intruder["agent_id"]
     body = {
         "command_id": test["command_id"],
         "test_id": test["id"],
         "status": "failed",
         "result": None,
     }
-    r = fleet.api("POST", f"/api/v1/agents/{other}/results", json=body)
+    r = fleet.api("POST", f"/api/v1/agents/{other}/results", token=intruder["token"], json=body)
     assert r.status_code == 403 and "does not belong" in r.json()["error"]
+    # Nor can it speak as gpu-01 with its own token.
+    r = fleet.api("POST", f"/api/v1/agents/{agent_id}/results", token=intruder["token"], json=body)
+    assert r.status_code == 403 and "belongs to agent 'intruder'" in r.json()["error"]
     r = fleet.api(
-        "POST", f"/api/v1/agents/{agent_id}/results", json={**body, "test_id": "tst_missing"}
+        "POST",
+        f"/api/v1/agents/{agent_id}/results",
+        token=token,
+        json={**body, "test_id": "tst_missing"},
     )
     assert r.status_code == 404
     r = fleet.api(
-        "POST", f"/api/v1/agents/{agent_id}/results", json={**body, "command_id": "cmd_other"}
+        "POST",
+        f"/api/v1/agents/{agent_id}/results",
+        token=token,
+        json={**body, "command_id": "cmd_other"},
     )
     assert r.status_code == 400 and "not the command" in r.json()["error"]
-    r = fleet.api("POST", f"/api/v1/agents/{agent_id}/results", json=body)
+    r = fleet.api("POST", f"/api/v1/agents/{agent_id}/results", token=token, json=body)
     assert r.status_code == 409 and "is completed; it cannot become failed" in r.json()["error"]
-    r = fleet.api(
-        "POST", f"/api/v1/agents/{agent_id}/tests/{test['id']}/status", json={"status": "running"}
-    )
+    r = fleet.api("POST", f"/api/v1/agents/{agent_id}/tests/{test['id']}/status", token=token,
+                  json={"status": "running"})  # fmt: skip
     assert r.status_code == 409
     # A repeat of what already happened is acknowledged (at-least-once delivery).
     repeat = {**body, "status": "completed", "result": done["result"]}
-    r = fleet.api("POST", f"/api/v1/agents/{agent_id}/results", json=repeat)
+    r = fleet.api("POST", f"/api/v1/agents/{agent_id}/results", token=token, json=repeat)
     assert r.status_code == 202 and r.json()["changed"] is False
     assert fleet.test_info(test["id"])["status"] == "completed"
 
@@ -322,7 +332,7 @@ def test_agent_stop_drain_lets_the_test_finish_and_takes_no_new_one(fleet: Kitt)
     wait_for(lambda: "shutting down after running work finishes" in (fleet.home / "agent.log").read_text(),
              what="agent draining")  # fmt: skip
     follow_up = fleet.submit("lines")
-    refused = httpx.post(fleet.agent_url + "/api/commands", json={
+    refused = httpx.post(fleet.agent_url + "/api/commands", headers=fleet.as_server(), json={
         "command_id": "cmd_late", "type": "run_test", "test_id": "tst_late",
         "payload": {"benchmark": "lines"}})  # fmt: skip
     assert refused.status_code == 409 and "shutting down" in refused.json()["error"]
@@ -363,16 +373,15 @@ def test_reports_with_out_of_range_values_are_400(fleet: Kitt) -> None:
     test = fleet.submit("lines")
     fleet.wait_status(test["id"], "completed")
     agent_id = fleet.agent("gpu-01")["id"]
+    token = fleet.agent_config()["token"]
     base = f"/api/v1/agents/{agent_id}/tests/{test['id']}"
-    r = fleet.api("POST", f"{base}/logs", json={"lines": [{"seq": 10**20, "ts": "t", "line": "x"}]})
+    r = fleet.api("POST", f"{base}/logs", token=token,
+                  json={"lines": [{"seq": 10**20, "ts": "t", "line": "x"}]})  # fmt: skip
     assert r.status_code == 400 and "seq" in r.json()["error"]
-    r = fleet.api(
-        "POST", f"{base}/status", json={"status": "running", "started_at": "2026-11-27T10:00:00"}
-    )
+    r = fleet.api("POST", f"{base}/status", token=token,
+                  json={"status": "running", "started_at": "2026-11-27T10:00:00"})  # fmt: skip
     assert r.status_code == 400 and "started_at" in r.json()["error"]
-    r = httpx.get(
-        f"{fleet.server_url}/api/v1/tests/{test['id']}/logs", headers={"Last-Event-ID": str(10**20)}
-    )
+    r = fleet.api("GET", f"/api/v1/tests/{test['id']}/logs", headers={"Last-Event-ID": str(10**20)})
     assert r.status_code == 400
 
 
@@ -386,10 +395,11 @@ def test_log_streams_cannot_take_every_agent_thread(fleet: Kitt) -> None:
     held = []
     for _ in range(10):  # the agent's stream limit
         s = socketlib.create_connection(("127.0.0.1", fleet.agent_port))
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        auth = fleet.as_server()["Authorization"]
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n".encode())
         assert b"200 OK" in s.recv(4096)
         held.append(s)
-    over = httpx.get(fleet.agent_url + path, timeout=5)
+    over = httpx.get(fleet.agent_url + path, timeout=5, headers=fleet.as_server())
     assert over.status_code == 503 and "too many live log streams" in over.json()["error"]
     assert fleet.agent_status()["current_task"] == test["id"]  # the agent still answers
     for s in held:
@@ -397,7 +407,9 @@ def test_log_streams_cannot_take_every_agent_thread(fleet: Kitt) -> None:
     release.touch()  # output flows; the streams notice their clients left and free the slots
 
     def stream_opens() -> bool:
-        with httpx.stream("GET", fleet.agent_url + path, timeout=10) as r:
+        with httpx.stream(
+            "GET", fleet.agent_url + path, timeout=10, headers=fleet.as_server()
+        ) as r:
             return r.status_code == 200
 
     wait_for(stream_opens, what="a stream slot freed")

@@ -32,12 +32,13 @@ def fleet(kitt: Kitt) -> Kitt:
 
 
 def sse_events(
-    url: str, headers: dict[str, str] | None = None
+    kitt: Kitt, url: str, headers: dict[str, str] | None = None
 ) -> list[tuple[str, dict[str, Any], str]]:
     """Read a whole stream with httpx-sse (a third-party SSE client) until its end event."""
     out = []
+    headers = {**kitt.auth_for(url), **(headers or {})}
     with httpx.Client(timeout=httpx.Timeout(10, read=60)) as client, \
-            httpx_sse.connect_sse(client, "GET", url, headers=headers or {}) as source:  # fmt: skip
+            httpx_sse.connect_sse(client, "GET", url, headers=headers) as source:  # fmt: skip
         assert source.response.headers["content-type"].startswith("text/event-stream")
         for event in source.iter_sse():
             if not event.data:
@@ -63,14 +64,29 @@ def test_three_agent_subscribers_one_stalled(fleet: Kitt, tmp_path: Path) -> Non
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", fleet.agent_port))
-    stalled.sendall(f"GET /api/logs/{test['command_id']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    auth = fleet.as_server()["Authorization"]
+    stalled.sendall(
+        f"GET /api/logs/{test['command_id']} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n".encode()
+    )
     # curl -N, a second real client, streams to a file.
     curl_out = tmp_path / "curl.txt"
-    curl = subprocess.Popen(["curl", "-sN", "--max-time", "90", "-o", str(curl_out), url])
+    curl = subprocess.Popen(
+        [
+            "curl",
+            "-sN",
+            "--max-time",
+            "90",
+            "-H",
+            f"Authorization: {auth}",
+            "-o",
+            str(curl_out),
+            url,
+        ]
+    )
     # httpx-sse reads in this thread once the benchmark is released.
     wait_for(curl_out.exists, what="curl connected")
     release.touch()
-    events = sse_events(url)
+    events = sse_events(fleet, url)
     assert lines_of(events) == list(range(1, count + 1))
     assert events[-1][0] == "end" and events[-1][1]["status"] == "completed"
 
@@ -98,7 +114,7 @@ def test_three_agent_subscribers_one_stalled(fleet: Kitt, tmp_path: Path) -> Non
     assert stalled_seqs == list(range(1, count + 1))  # caught up from disk: nothing lost
 
     # Every line also reached the server, once and in order.
-    server_events = sse_events(f"{fleet.server_url}/api/v1/tests/{test['id']}/logs")
+    server_events = sse_events(fleet, f"{fleet.server_url}/api/v1/tests/{test['id']}/logs")
     assert lines_of(server_events) == list(range(1, count + 1))
     assert server_events[-1][1]["status"] == "completed"
 
@@ -110,15 +126,17 @@ def test_resume_with_last_event_id_and_text_download(fleet: Kitt) -> None:
     agent_url = f"{fleet.agent_url}/api/logs/{test['command_id']}"
     server_url = f"{fleet.server_url}/api/v1/tests/{test['id']}/logs"
     for url in (agent_url, server_url):  # still served after the job ended
-        resumed = sse_events(url, {"Last-Event-ID": "40"})
+        resumed = sse_events(fleet, url, {"Last-Event-ID": "40"})
         seqs = lines_of(resumed)
         assert seqs[0] == 41 and seqs == sorted(seqs)
         assert resumed[0][2] == "41"  # the SSE id is the sequence number
-    everything = sse_events(server_url)
+    everything = sse_events(fleet, server_url)
     lines = [data["line"] for name, data, _ in everything if name == "log"]
     assert lines[50] == "bad bytes \ufffd\ufffd here"  # invalid UTF-8 replaced, line kept
     assert "".join(lines[51:]) == "L" * 20000 and all(len(x) <= 8192 for x in lines[51:])  # split
-    text = httpx.get(server_url, params={"format": "text"}).text.splitlines()
+    text = httpx.get(
+        server_url, params={"format": "text"}, headers=fleet.auth_for(server_url)
+    ).text.splitlines()
     assert text == lines
 
     cli = fleet.run("test", "logs", test["id"])
@@ -155,6 +173,7 @@ def test_log_batches_are_checked_and_idempotent(fleet: Kitt) -> None:
     test = fleet.submit("spew", LINES=3)
     fleet.wait_status(test["id"], "completed")
     agent_id = fleet.agent("gpu-01")["id"]
+    token = fleet.agent_config()["token"]
     url = f"/api/v1/agents/{agent_id}/tests/{test['id']}/logs"
 
     def batch(*seqs: int) -> dict[str, Any]:
@@ -162,27 +181,26 @@ def test_log_batches_are_checked_and_idempotent(fleet: Kitt) -> None:
             "lines": [{"seq": s, "ts": "2026-11-27T00:00:00Z", "line": f"dup {s}"} for s in seqs]
         }
 
-    r = fleet.api("POST", url, json=batch(1, 1))
+    r = fleet.api("POST", url, token=token, json=batch(1, 1))
     assert r.status_code == 400 and "strictly increasing" in r.json()["error"]
-    r = fleet.api("POST", url, json=batch(2, 1))
+    r = fleet.api("POST", url, token=token, json=batch(2, 1))
     assert r.status_code == 400
-    r = fleet.api("POST", url, json={"lines": []})
+    r = fleet.api("POST", url, token=token, json={"lines": []})
     assert r.status_code == 400 and "lines" in r.json()["error"]
-    r = fleet.api("POST", url, json=batch(0))
+    r = fleet.api("POST", url, token=token, json=batch(0))
     assert r.status_code == 400 and "seq" in r.json()["error"]
-    r = fleet.api("POST", url, json=batch(1, 2, 3))  # a re-delivery: nothing changes
+    r = fleet.api("POST", url, token=token, json=batch(1, 2, 3))  # a re-delivery: nothing changes
     assert r.status_code == 200 and r.json()["stored"] == 0
     text = fleet.api("GET", f"/api/v1/tests/{test['id']}/logs", params={"format": "text"}).text
     assert "dup" not in text and len(text.splitlines()) == 3
-    other = fleet.api("POST", "/api/v1/agents/register", json={
-        "name": "other", "hostname": "h", "port": 1, "kitt_version": "x"}).json()["agent_id"]  # fmt: skip
-    r = fleet.api("POST", f"/api/v1/agents/{other}/tests/{test['id']}/logs", json=batch(9))
+    other = fleet.api("POST", "/api/v1/agents/register", token=fleet.bootstrap_token(), json={
+        "name": "other", "hostname": "h", "port": 1, "kitt_version": "x"}).json()  # fmt: skip
+    r = fleet.api("POST", f"/api/v1/agents/{other['agent_id']}/tests/{test['id']}/logs",
+                  token=other["token"], json=batch(9))  # fmt: skip
     assert r.status_code == 403
-    r = httpx.get(f"{fleet.agent_url}/api/logs/cmd_unknown")
+    r = httpx.get(f"{fleet.agent_url}/api/logs/cmd_unknown", headers=fleet.as_server())
     assert r.status_code == 404 and "no log" in r.json()["error"]
-    r = httpx.get(
-        f"{fleet.server_url}/api/v1/tests/{test['id']}/logs", headers={"Last-Event-ID": "x"}
-    )
+    r = fleet.api("GET", f"/api/v1/tests/{test['id']}/logs", headers={"Last-Event-ID": "x"})
     assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]
 
 
@@ -190,11 +208,25 @@ def test_open_log_streams_do_not_keep_daemons_alive(fleet: Kitt, tmp_path: Path)
     release = tmp_path / "never"
     test = fleet.submit("spew", RELEASE=str(release), LINES=10)
     fleet.wait_status(test["id"], "running")
+    urls = [
+        f"{fleet.server_url}/api/v1/tests/{test['id']}/logs",
+        f"{fleet.agent_url}/api/logs/{test['command_id']}",
+    ]
     readers = [
-        subprocess.Popen(["curl", "-sN", "--max-time", "60", url], stdout=subprocess.DEVNULL)
-        for url in (f"{fleet.server_url}/api/v1/tests/{test['id']}/logs",
-                    f"{fleet.agent_url}/api/logs/{test['command_id']}")
-    ]  # fmt: skip
+        subprocess.Popen(
+            [
+                "curl",
+                "-sN",
+                "--max-time",
+                "60",
+                "-H",
+                f"Authorization: {fleet.auth_for(url)['Authorization']}",
+                url,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for url in urls
+    ]
     server_pid = fleet.pid_of("server")
     t0 = time.monotonic()
     assert fleet.run("server", "stop").returncode == 0

@@ -6,7 +6,9 @@ from conftest import Kitt, wait_for
 
 
 def test_agent_started_before_server_keeps_retrying_then_registers(kitt: Kitt) -> None:
-    kitt.init_agent("early")
+    kitt.start_server()
+    kitt.init_agent("early")  # takes a bootstrap token from the local server
+    kitt.run("server", "stop", check=True)
     started = kitt.run("agent", "start", check=True)  # no server yet: the start must succeed
     assert "not registered yet (cannot reach" in started.stdout
     status = wait_for(
@@ -51,7 +53,7 @@ def test_agent_recovers_from_server_outage_without_restart(kitt: Kitt) -> None:
 
 
 def test_agent_registers_again_after_server_database_is_wiped(kitt: Kitt) -> None:
-    kitt.start_server()
+    kitt.start_server("--no-auth")  # without tokens, the agent's own re-registration path
     kitt.init_agent("phoenix")
     kitt.run("agent", "start", check=True)
     old_id = wait_for(lambda: kitt.agent("phoenix").get("id"), what="first registration")
@@ -59,10 +61,36 @@ def test_agent_registers_again_after_server_database_is_wiped(kitt: Kitt) -> Non
     kitt.run("server", "stop", check=True)
     for suffix in ("", "-wal", "-shm"):
         (kitt.home / "server" / f"kitt.db{suffix}").unlink(missing_ok=True)
-    kitt.start_server()
+    kitt.start_server("--no-auth")
 
     new = wait_for(lambda: kitt.agent("phoenix"), what="re-registration with the empty database")
     assert new["id"] != old_id
     wait_for(lambda: kitt.agent_status()["agent_id"] == new["id"], what="agent adopting the new id")
     wait_for(lambda: len(kitt.heartbeats("phoenix")) >= 2, what="heartbeats under the new id")
     assert "registering again" in (kitt.home / "agent.log").read_text()
+
+
+def test_wiped_database_with_auth_asks_for_enrollment_then_recovers(kitt: Kitt) -> None:
+    """A wiped server forgets every agent token: the agent says so, and re-enrolling with a
+    new bootstrap token brings it back under the same name."""
+    kitt.start_server()
+    kitt.init_agent("phoenix")
+    kitt.run("agent", "start", check=True)
+    wait_for(lambda: kitt.agent("phoenix").get("id"), what="first registration")
+    kitt.run("server", "stop", check=True)
+    for suffix in ("", "-wal", "-shm"):
+        (kitt.home / "server" / f"kitt.db{suffix}").unlink(missing_ok=True)
+    kitt.start_server()
+    status = wait_for(
+        lambda: "401" in ((s := kitt.agent_status())["last_error"] or "") and s,
+        what="the agent reporting its token refused",
+    )
+    assert "agent token not accepted" in status["last_error"]
+    assert "kitt-agent init --token" in status["last_error"]
+    assert kitt.agents() == []  # nothing was registered with the dead token
+
+    kitt.run("agent", "stop", check=True)
+    kitt.run("agent", "init", "--server", kitt.server_url, "--token", kitt.bootstrap_token(),
+             check=True)  # fmt: skip
+    kitt.run("agent", "start", check=True)
+    wait_for(lambda: kitt.agent("phoenix").get("online"), what="registration after re-enrolling")

@@ -19,8 +19,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class ApiClient:
-    def __init__(self, client: httpx.Client) -> None:
+    def __init__(self, client: httpx.Client, *, tls_name: str | None = None) -> None:
+        """``tls_name``: the name the peer's certificate must carry when it differs from the
+        host in the URL (agents are reached by address; their certificates name them)."""
         self.http = client
+        self.extensions = {"sni_hostname": tls_name} if tls_name else None
 
     @property
     def base_url(self) -> str:
@@ -34,7 +37,9 @@ class ApiClient:
             content = json.dumps(json_body).encode()
         headers = {"Content-Type": "application/json"} if content is not None else None
         try:
-            response = self.http.request(method, path, content=content, headers=headers)
+            response = self.http.request(
+                method, path, content=content, headers=headers, extensions=self.extensions
+            )
         except httpx.TransportError as exc:
             reason = str(exc) or type(exc).__name__
             raise ServerUnreachableError(f"cannot reach {self.base_url}: {reason}") from exc

@@ -6,6 +6,8 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,33 +15,137 @@ import httpx_sse
 
 from kitt.apiclient import ApiClient
 from kitt.errors import ApiError, KittError
-from kitt.http import build_client, error_message
-from kitt.paths import ServerPaths
-from kitt.protocol import AgentDetail, AgentSummary, HeartbeatRecord, TestInfo, TestRequest
+from kitt.http import TlsFiles, build_client, error_message
+from kitt.paths import ServerPaths, agent_paths, write_private
+from kitt.protocol import (
+    AgentDetail,
+    AgentSummary,
+    HeartbeatRecord,
+    TestInfo,
+    TestRequest,
+    TokenCreate,
+    TokenCreated,
+    TokenInfo,
+)
+from kitt.server.admin_token import read_admin_token
 from kitt.urls import validate_server_url
 
 
+def _local_endpoint() -> dict[str, Any] | None:
+    try:
+        data = json.loads(ServerPaths.default().endpoint.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("url"), str) else None
+
+
 def resolve_server_url(flag: str | None) -> str:
-    """``--server``, else ``KITT_SERVER``, else the server running under this KITT_HOME."""
+    """``--server``, else ``KITT_SERVER``, else the server running under this KITT_HOME,
+    else the server of the last ``kitt login``."""
     for candidate in (flag, os.environ.get("KITT_SERVER")):
         if candidate:
             try:
                 return validate_server_url(candidate)
             except ValueError as exc:
                 raise KittError(str(exc)) from None
-    endpoint = ServerPaths.default().endpoint
-    try:
-        return str(json.loads(endpoint.read_text())["url"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise KittError(
-            "no server given: pass --server URL or set KITT_SERVER "
-            f"(and no local server found at {endpoint})"
-        ) from None
+    local = _local_endpoint()
+    if local is not None:
+        return str(local["url"])
+    default = LoginStore(agent_paths().login).default()
+    if default:
+        return default
+    raise KittError(
+        "no server given: pass --server URL or set KITT_SERVER, or run `kitt login URL` "
+        f"(and no local server found at {ServerPaths.default().endpoint})"
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server and what it takes to talk to it as a user."""
+
+    url: str
+    token: str | None
+    ca: Path | None
+
+
+def resolve_target(server_flag: str | None, token_flag: str | None) -> Target:
+    """Where the admin token and the CA come from, in order: ``--token``/``KITT_TOKEN``;
+    the local server's own files when the URL is that server's; ``kitt login``."""
+    url = resolve_server_url(server_flag)
+    token = token_flag or os.environ.get("KITT_TOKEN") or None
+    ca_env = os.environ.get("KITT_CA")
+    ca = Path(ca_env) if ca_env else None
+    local = _local_endpoint()
+    if local is not None and local["url"] == url:
+        if token is None:
+            token = read_admin_token(ServerPaths.default().admin_token)
+        if ca is None and isinstance(local.get("ca"), str):
+            ca = Path(local["ca"])
+    saved = LoginStore(agent_paths().login).get(url)
+    if saved is not None:
+        token = token or saved.get("token")
+        if ca is None and saved.get("ca"):
+            ca = Path(saved["ca"])
+    return Target(url=url, token=token, ca=ca)
+
+
+class LoginStore:
+    """``kitt login``'s memory: per server URL its admin token and CA file (0600)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return {"servers": {}}
+        except (OSError, ValueError) as exc:
+            raise KittError(f"cannot read {self.path}: {exc}; delete it and log in again") from exc
+        return data if isinstance(data, dict) else {"servers": {}}
+
+    def get(self, url: str) -> dict[str, Any] | None:
+        entry = self._read().get("servers", {}).get(url)
+        return entry if isinstance(entry, dict) else None
+
+    def default(self) -> str | None:
+        value = self._read().get("default")
+        return value if isinstance(value, str) else None
+
+    def save(self, url: str, token: str, ca: Path | None) -> None:
+        data = self._read()
+        data.setdefault("servers", {})[url] = {"token": token, "ca": str(ca) if ca else None}
+        data["default"] = url
+        write_private(self.path, json.dumps(data, indent=2))
+
+    def forget(self, url: str) -> bool:
+        data = self._read()
+        gone = data.get("servers", {}).pop(url, None) is not None
+        if data.get("default") == url:
+            data.pop("default")
+        write_private(self.path, json.dumps(data, indent=2))
+        return gone
+
+
+def connect(server_flag: str | None, token_flag: str | None = None) -> FleetClient:
+    """A fleet client for the CLI, with the server, token and CA resolved."""
+    target = resolve_target(server_flag, token_flag)
+    return FleetClient(target.url, token=target.token, ca=target.ca)
 
 
 class FleetClient:
-    def __init__(self, server_url: str, *, insecure: bool = False) -> None:
-        self._api = ApiClient(build_client(server_url, insecure=insecure))
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        token: str | None = None,
+        ca: Path | None = None,
+        insecure: bool = False,
+    ) -> None:
+        self._api = ApiClient(
+            build_client(server_url, token=token, tls=TlsFiles(ca=ca), insecure=insecure)
+        )
 
     def __enter__(self) -> FleetClient:
         return self
@@ -106,3 +212,17 @@ class FleetClient:
     def remove(self, id_or_name: str) -> dict[str, Any]:
         body: dict[str, Any] = self._api.json("DELETE", f"/api/v1/agents/{id_or_name}")
         return body
+
+    def revoke(self, id_or_name: str) -> dict[str, Any]:
+        body: dict[str, Any] = self._api.json("POST", f"/api/v1/agents/{id_or_name}/revoke")
+        return body
+
+    def create_token(self, request: TokenCreate) -> TokenCreated:
+        return self._api.call("POST", "/api/v1/tokens", TokenCreated, request)
+
+    def tokens(self) -> list[TokenInfo]:
+        body: Any = self._api.json("GET", "/api/v1/tokens")
+        return [TokenInfo.model_validate(t) for t in body["tokens"]]
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        return self._api.call("DELETE", f"/api/v1/tokens/{token_id}", TokenInfo)

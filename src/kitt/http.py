@@ -2,8 +2,8 @@
 
 Every outbound call (agent → server, CLI → server, server → agent) gets its client from
 :func:`build_client`, and both Flask apps are served by :class:`WsgiServer`. TLS settles
-here: when the security work adds certificates, it adds them to :class:`TlsFiles` and
-nothing else in the code base changes shape.
+here: a client gets an SSL context carrying the CA and (for mutual TLS) a certificate,
+and a listener gets cheroot's builtin TLS adapter with a context that verifies clients.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 
-from kitt import __version__
+from kitt import __version__, pki
 from kitt.errors import DaemonStartError
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,17 @@ class TlsFiles:
     key: Path | None = None
 
     def client_context(self) -> ssl.SSLContext:
-        # verify="ca.pem" plus cert=(crt, key) makes httpx send NO client certificate;
-        # a context carrying both is the only way to get mutual TLS (ARCHITECTURE.md §7).
-        ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
-        if self.cert and self.key:
-            ctx.load_cert_chain(str(self.cert), str(self.key))
-        return ctx
+        return pki.client_context(self.ca, self.cert, self.key)
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """HTTPS for a listener: its certificate, and the CA its clients' certificates need."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    require_client_cert: bool
 
 
 def build_client(
@@ -51,7 +57,9 @@ def build_client(
     tls: TlsFiles | None = None,
     insecure: bool = False,
     timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> httpx.Client:
+    """``ssl_context`` reuses a context built once (building one costs ~20 ms)."""
     headers = {"User-Agent": USER_AGENT}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -59,7 +67,7 @@ def build_client(
     # default SSL context costs ~20 ms: a dispatch push would pay it every time.
     verify: ssl.SSLContext | bool = False
     if base_url.startswith("https://"):
-        verify = False if insecure else (tls or TlsFiles()).client_context()
+        verify = False if insecure else ssl_context or (tls or TlsFiles()).client_context()
     return httpx.Client(
         base_url=base_url,
         headers=headers,
@@ -96,9 +104,12 @@ class WsgiServer:
         *,
         numthreads: int = 32,
         name: str = "kitt",
+        tls: ListenerTls | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
+        self._ssl_context: ssl.SSLContext | None = None
         self._server = wsgi.Server(
             (host, port),
             app,
@@ -117,6 +128,24 @@ class WsgiServer:
         self._server.max_request_body_size = 0
         setattr(self._server, "error_log", self._error_log)  # noqa: B010 - cheroot's hook
         self._thread: threading.Thread | None = None
+        if tls is not None:
+            adapter = BuiltinSSLAdapter(str(tls.cert), str(tls.key))
+            # Our own context: cheroot's default neither verifies client certificates
+            # nor lets us reload a renewed certificate into the running listener.
+            self._ssl_context = pki.server_context(
+                tls.cert, tls.key, tls.ca, require_client=tls.require_client_cert
+            )
+            adapter.context = self._ssl_context
+            self._server.ssl_adapter = adapter
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def reload_cert(self) -> None:
+        """Serve a renewed certificate to new connections, without a restart."""
+        if self.tls is not None and self._ssl_context is not None:
+            self._ssl_context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
 
     @staticmethod
     def _error_log(msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:

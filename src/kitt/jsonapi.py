@@ -80,7 +80,10 @@ def install_json_errors(app: Flask) -> None:
 
     @app.errorhandler(ApiFailure)
     def _api_failure(exc: ApiFailure) -> Any:
-        return error(exc.status, exc.message)
+        body, status = error(exc.status, exc.message)
+        if status == 401:
+            body.headers["WWW-Authenticate"] = 'Bearer realm="kitt"'
+        return body, status
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:

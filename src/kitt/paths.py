@@ -46,6 +46,27 @@ class AgentPaths:
     def jobs(self) -> Path:
         return self.home / "jobs"
 
+    @property
+    def certs(self) -> Path:
+        return self.home / "certs"
+
+    @property
+    def ca(self) -> Path:
+        return self.certs / "ca.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.certs / "agent.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.certs / "agent-key.pem"
+
+    @property
+    def login(self) -> Path:
+        """Tokens saved by `kitt login URL` for remote servers (0600)."""
+        return self.home / "login.json"
+
 
 @dataclass(frozen=True)
 class ServerPaths:
@@ -71,6 +92,14 @@ class ServerPaths:
     def endpoint(self) -> Path:
         """Written on start so local CLI commands find the server without flags."""
         return self.data_dir / "endpoint.json"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    @property
+    def certs(self) -> Path:
+        return self.data_dir / "certs"
 
 
 def agent_paths() -> AgentPaths:

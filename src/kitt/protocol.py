@@ -150,6 +150,9 @@ class AgentSummary(WireModel):
     gpu_memory_used_gb: float | None
     registered_at: datetime
     last_seen_at: datetime | None
+    # When the agent's certificate expires (TLS servers), and whether its token is revoked.
+    cert_expires_at: datetime | None = None
+    revoked: bool = False
 
 
 class AgentDetail(AgentSummary):
@@ -173,6 +176,64 @@ class HeartbeatRecord(WireModel):
     cpu_percent: float | None
     ram_used_gb: float | None
     gpus: list[GpuSample]
+
+
+# --- security: enrollment, renewal, bootstrap tokens (ARCHITECTURE.md §6) ----------------
+
+PemText = Annotated[str, StringConstraints(min_length=1, max_length=16_384)]
+TokenNote = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ._:@/+()-]{0,120}$")]
+MAX_TOKEN_TTL_S = 366 * 24 * 3600.0
+
+
+class EnrollRequest(WireModel):
+    """``POST /api/v1/agents/enroll`` with a bootstrap token: the CSR the agent made itself."""
+
+    name: AgentName
+    csr_pem: PemText
+
+
+class CertificateIssued(WireModel):
+    cert_pem: str
+    ca_pem: str
+    not_after: datetime
+
+
+class EnrollResponse(CertificateIssued):
+    """The signed certificate and the agent's own token (returned once, stored hashed)."""
+
+    name: str
+    token: str
+
+
+class RenewRequest(WireModel):
+    """``POST /api/v1/agents/renew``, authenticated by the agent's current cert and token."""
+
+    csr_pem: PemText
+
+
+class TokenCreate(WireModel):
+    """``POST /api/v1/tokens``: a bootstrap token for enrolling agents."""
+
+    ttl_s: float = Field(default=3600.0, gt=0, le=MAX_TOKEN_TTL_S)
+    uses: int = Field(default=1, ge=1, le=100_000)
+    note: TokenNote | None = None
+
+
+TokenState = Literal["active", "expired", "used", "revoked"]
+
+
+class TokenInfo(WireModel):
+    id: str
+    state: TokenState
+    created_at: datetime
+    expires_at: datetime
+    max_uses: int
+    uses: int
+    note: str | None = None
+
+
+class TokenCreated(TokenInfo):
+    token: str
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask
 
 from kitt import __version__, sse
+from kitt.agent.auth import AgentAuth
 from kitt.agent.config import AgentConfig
 from kitt.agent.jobs import CommandError, JobManager
 from kitt.agent.log_streamer import End, Gap, LogLine
@@ -37,13 +38,16 @@ def _frames(command_id: str, items: Iterator[list[LogLine] | Gap | End | None]) 
             yield sse.event("end", {"command_id": command_id, "status": item.status})
 
 
-def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -> Flask:
+def create_agent_app(
+    config: AgentConfig, state: AgentState, jobs: JobManager, auth: AgentAuth
+) -> Flask:
     app = Flask("kitt.agent")
     install_json_errors(app)
     streams = sse.StreamSlots(AGENT_STREAMS)
 
     @app.post("/api/commands")
     def commands() -> Any:
+        auth.require_server()
         command = parse_body(Command)
         try:
             jobs.handle(command)
@@ -53,6 +57,7 @@ def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -
 
     @app.get("/api/logs/<command_id>")
     def logs(command_id: str) -> Any:
+        auth.require_server()
         check_id(command_id, "command id")
         log = jobs.logs.get(command_id)
         if log is None:
@@ -66,6 +71,7 @@ def create_agent_app(config: AgentConfig, state: AgentState, jobs: JobManager) -
 
     @app.get("/api/status")
     def status() -> Any:
+        auth.require_server_or_self()
         snap = state.snapshot()
         return dump(
             AgentStatusReport(

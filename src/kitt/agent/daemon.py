@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from kitt import __version__
 from kitt.agent.app import AGENT_THREADS, create_agent_app
-from kitt.agent.config import AgentConfig
+from kitt.agent.auth import AgentAuth
+from kitt.agent.config import AgentConfig, update_config
 from kitt.agent.hardware import registration
 from kitt.agent.heartbeat import HeartbeatThread
 from kitt.agent.jobs import CommandError, JobManager, spool_result
-from kitt.agent.server_client import ServerClient
+from kitt.agent.renewal import CertRenewer
+from kitt.agent.server_client import ServerClient, tls_files
 from kitt.agent.spool import Spool, SpoolSender
 from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry
-from kitt.http import WsgiServer
+from kitt.errors import ConfigError, KittError
+from kitt.http import ListenerTls, WsgiServer
 from kitt.paths import AgentPaths
 from kitt.process import run_steps
 from kitt.protocol import Command
+from kitt.urls import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +39,22 @@ STOP_DELIVERY_S = 3.0
 
 
 class AgentDaemon:
-    def __init__(self, config: AgentConfig, paths: AgentPaths, *, insecure: bool = False) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        paths: AgentPaths,
+        *,
+        insecure: bool = False,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path or paths.config
         self.state = AgentState()
         self._insecure = insecure
+        self._token = config.token
+        listener_tls = listener_security(config, self.config_path, insecure)
+        self.auth = AgentAuth(config.name, config.token, tls=listener_tls is not None)
+        self._renewer: CertRenewer | None = None
         self._spool = Spool(paths.spool)
         self.jobs = JobManager(config, paths.jobs, self.state, self._spool)
         self._telemetry: GpuTelemetry | None = None
@@ -45,14 +62,21 @@ class AgentDaemon:
         self._heartbeat: HeartbeatThread | None = None
         self._sender: SpoolSender | None = None
         self._http = WsgiServer(
-            create_agent_app(config, self.state, self.jobs),
+            create_agent_app(config, self.state, self.jobs, self.auth),
             config.bind,
             config.port,
             numthreads=AGENT_THREADS,
             name="kitt-agent",
+            tls=listener_tls,
         )
 
     def start(self) -> None:
+        if self._insecure:
+            log.warning(
+                "INSECURE (--insecure): the server's certificate is not verified%s",
+                "" if self._http.tls or is_loopback(self.config.bind)
+                else f" and commands are accepted over plain HTTP on {self.config.bind}",
+            )  # fmt: skip
         # Listen first: a port clash must fail the start before anything talks to the server.
         self._http.start()
         log.info(
@@ -78,8 +102,16 @@ class AgentDaemon:
             ),
             backoff_max_s=self.config.backoff_max_s,
             on_commands=self._commands_from_heartbeat,
+            on_token=self._adopt_token,
         )
         self._heartbeat.start()
+        tls = self._client.tls
+        if self._http.tls is not None and tls is not None:
+            self._renewer = CertRenewer(
+                self.config.server_url, self.config.name, tls, lambda: self._token,
+                self._reload_cert, insecure=self._insecure,
+            )  # fmt: skip
+            self._renewer.start()
         self._heartbeat.first_attempt_done.wait(FIRST_REGISTRATION_WAIT_S)
 
     def _commands_from_heartbeat(self, commands: list[dict[str, Any]]) -> None:
@@ -109,6 +141,24 @@ class AgentDaemon:
                     f"agent refused it: {exc}",
                 )  # fmt: skip
 
+    def _adopt_token(self, token: str) -> None:
+        """The server swapped the bootstrap token for this agent's own: keep it (agent.yaml
+        first, so a crash right after cannot leave the agent with a spent token)."""
+        try:
+            update_config(self.config_path, {"token": token})
+        except KittError as exc:
+            log.error("cannot save the agent token in %s: %s", self.config_path, exc)
+        self._token = token
+        self.auth.set_token(token)
+        if self._client is not None:
+            self._client.set_token(token)
+        log.info("received this agent's own token; saved in %s", self.config_path)
+
+    def _reload_cert(self) -> None:
+        self._http.reload_cert()
+        if self._client is not None:
+            self._client.reload_cert()
+
     def hurry(self) -> None:
         self.jobs.hurry()
 
@@ -118,6 +168,7 @@ class AgentDaemon:
         run_steps([
             ("running test", lambda: self.jobs.shutdown(job_timeout, drain=drain)),
             ("heartbeat", self._stop_heartbeat),
+            ("certificate renewal", lambda: self._renewer.stop() if self._renewer else None),
             ("report delivery", self._stop_sender),
             ("live log readers", self.jobs.logs.close_readers),
             ("listener", self._http.stop),
@@ -137,3 +188,20 @@ class AgentDaemon:
             self._sender.join(timeout=STOP_DELIVERY_S)
             if self._spool.items():
                 log.info("%d report(s) stay spooled for the next start", len(self._spool.items()))
+
+
+def listener_security(config: AgentConfig, path: Path, insecure: bool) -> ListenerTls | None:
+    """HTTPS for the agent's listener when it is enrolled; plain HTTP only on loopback
+    (or with --insecure)."""
+    tls = tls_files(config)
+    if tls is not None:
+        if tls.cert is None or tls.key is None or tls.ca is None:
+            raise ConfigError(f"{path}: tls needs cert, key and ca (run kitt-agent init again)")
+        return ListenerTls(tls.cert, tls.key, tls.ca, require_client_cert=True)
+    if not is_loopback(config.bind) and not insecure:
+        raise ConfigError(
+            f"the agent would serve plain HTTP on {config.bind}: enroll with an HTTPS "
+            "server (kitt-agent init --server https://…), listen on 127.0.0.1 "
+            "(kitt-agent init --bind 127.0.0.1), or pass --insecure (development only)"
+        )
+    return None

@@ -57,6 +57,7 @@ class HeartbeatThread(threading.Thread):
         registration: RegisterRequest,
         backoff_max_s: float,
         on_commands: Callable[[list[dict[str, Any]]], None] | None = None,
+        on_token: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._client = client
@@ -64,6 +65,7 @@ class HeartbeatThread(threading.Thread):
         self._telemetry = telemetry
         self._registration = registration
         self._on_commands = on_commands
+        self._on_token = on_token
         self._stop_event = threading.Event()
         self._backoff = Backoff(cap=backoff_max_s)
         self._load = HostLoad()
@@ -95,6 +97,8 @@ class HeartbeatThread(threading.Thread):
             return self._failed("registration", exc)
         finally:
             self.first_attempt_done.set()
+        if resp.token and self._on_token is not None:
+            self._on_token(resp.token)
         self._state.registered(resp.agent_id)
         self.interval_s = resp.heartbeat_interval_s
         self._recovered()

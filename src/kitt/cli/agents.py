@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import click
 from rich.table import Table
 
-from kitt.cli.common import KittGroup, ago, console, human_duration, print_json_or_nothing
-from kitt.fleet_client import FleetClient, resolve_server_url
+from kitt.cli.common import (
+    KittGroup,
+    ago,
+    console,
+    human_duration,
+    open_fleet,
+    print_json_or_nothing,
+    server_option,
+)
+from kitt.fleet_client import resolve_server_url
 from kitt.protocol import AGENT_NAME_RE, ID_RE
 
 STATE_STYLE = {"offline": "red", "idle": "green", "running": "cyan", "error": "yellow"}
-server_option = click.option(
-    "--server", "server_url", help="Server URL (default: $KITT_SERVER, then the local server)."
-)
 
 
 def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
@@ -37,26 +43,39 @@ def agents() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_agents(server_url: str | None, as_json: bool) -> None:
     """Every agent with its state, GPUs, utilisation and last heartbeat."""
-    with FleetClient(resolve_server_url(server_url)) as fleet:
+    with open_fleet(server_url) as fleet:
         items = fleet.agents()
     if print_json_or_nothing(items, as_json, "no agents registered yet"):
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("NAME", "STATE", "TASK", "GPUS", "GPU UTIL", "GPU MEM", "ADDRESS", "LAST SEEN"):
+    cols = ("NAME", "STATE", "TASK", "GPUS", "GPU UTIL", "GPU MEM", "ADDRESS", "LAST SEEN", "CERT")
+    for col in cols:
         table.add_column(col)
     for a in items:
         style = STATE_STYLE.get(a.state, "")
         table.add_row(
             a.name,
-            f"[{style}]{a.state}[/]",
+            "[red]revoked[/]" if a.revoked else f"[{style}]{a.state}[/]",
             a.current_task or "-",
             a.gpu_info or "none",
             _fmt(a.gpu_utilization_pct, "%"),
             _fmt(a.gpu_memory_used_gb, " GB"),
             f"{a.address}:{a.port}" if a.address else "-",
             ago(a.last_seen_at),
+            cert_expiry(a.cert_expires_at),
         )
     console.print(table)
+
+
+def cert_expiry(expires: datetime | None) -> str:
+    """Days left on an agent's certificate, in yellow under 14 days, red once expired."""
+    if expires is None:
+        return "-"
+    days = (expires - datetime.now(timezone.utc)).total_seconds() / 86400
+    if days <= 0:
+        return "[red]expired[/]"
+    text = f"{days:.0f}d" if days >= 1 else f"{days * 24:.1f}h"
+    return f"[yellow]{text}[/]" if days < 14 else text
 
 
 @agents.command()
@@ -72,7 +91,7 @@ def list_agents(server_url: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(name: str, server_url: str | None, history: int, as_json: bool) -> None:
     """One agent: hardware, live telemetry per GPU, and recent heartbeats."""
-    with FleetClient(resolve_server_url(server_url)) as fleet:
+    with open_fleet(server_url) as fleet:
         detail = fleet.agent(name)
         beats = fleet.heartbeats(detail.id, history) if history else []
     if as_json:
@@ -133,10 +152,27 @@ def show(name: str, server_url: str | None, history: int, as_json: bool) -> None
 @server_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def remove(name: str, server_url: str | None, yes: bool) -> None:
-    """Forget an agent and its heartbeat history (it re-registers if it is still running)."""
+    """Forget an agent, its heartbeat history and its credential."""
     url = resolve_server_url(server_url)
     if not yes:
         click.confirm(f"remove agent {name!r} from {url}?", abort=True)
-    with FleetClient(url) as fleet:
+    with open_fleet(url) as fleet:
         body = fleet.remove(name)
-    click.echo(f"removed agent {body['name']} (id {body['deleted']})")
+    click.echo(
+        f"removed agent {body['name']} (id {body['deleted']}); its credential is gone too: "
+        "to bring it back, enroll it again with a new bootstrap token"
+    )
+
+
+@agents.command()
+@click.argument("name", callback=lambda _c, _p, v: _name(v))
+@server_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def revoke(name: str, server_url: str | None, yes: bool) -> None:
+    """Revoke an agent's token now: every call it makes is refused until it enrolls again."""
+    url = resolve_server_url(server_url)
+    if not yes:
+        click.confirm(f"revoke agent {name!r} on {url}?", abort=True)
+    with open_fleet(url) as fleet:
+        body = fleet.revoke(name)
+    click.echo(f"revoked agent {body['name']}: its token no longer works")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from pydantic import BaseModel
 from rich.console import Console
 
 from kitt.errors import KittError
+from kitt.fleet_client import FleetClient, connect
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # soft_wrap: a long value (an error, a URL) stays on one line when output is piped.
 console = Console(soft_wrap=True)
@@ -88,3 +91,29 @@ def print_json_or_nothing(items: Sequence[BaseModel], as_json: bool, empty: str)
         console.print(empty)
         return True
     return False
+
+
+def _remember_token(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta["kitt.token"] = value
+
+
+def server_option(func: F) -> F:
+    """``--server`` and ``--token`` for every command that talks to the server."""
+    func = click.option(
+        "--token",
+        expose_value=False,
+        callback=_remember_token,
+        help="Admin token (default: $KITT_TOKEN, the local server's, or `kitt login`'s).",
+    )(func)
+    return click.option(
+        "--server",
+        "server_url",
+        help="Server URL (default: $KITT_SERVER, the local server, or `kitt login`'s).",
+    )(func)
+
+
+def open_fleet(server_url: str | None) -> FleetClient:
+    ctx = click.get_current_context(silent=True)
+    token = ctx.meta.get("kitt.token") if ctx is not None else None
+    return connect(server_url, token)

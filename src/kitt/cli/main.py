@@ -8,6 +8,7 @@ from kitt import __version__
 from kitt.cli.agent import agent
 from kitt.cli.agents import agents
 from kitt.cli.common import KittGroup
+from kitt.cli.login import login, logout
 from kitt.cli.server import server
 from kitt.cli.tests import test_group
 
@@ -22,6 +23,8 @@ cli.add_command(server)
 cli.add_command(agent)
 cli.add_command(agents)
 cli.add_command(test_group)
+cli.add_command(login)
+cli.add_command(logout)
 
 
 def main() -> None:

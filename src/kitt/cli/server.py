@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import click
 import httpx
+from pydantic import ValidationError
+from rich.table import Table
 
-from kitt.cli.common import Duration, KittGroup, console
-from kitt.errors import AlreadyRunningError, NotRunningError
-from kitt.http import build_client
+from kitt.cli.common import (
+    Duration,
+    KittGroup,
+    console,
+    open_fleet,
+    print_json_or_nothing,
+    server_option,
+)
+from kitt.errors import AlreadyRunningError, KittError, NotRunningError
+from kitt.http import TlsFiles, build_client
 from kitt.logsetup import setup_logging
 from kitt.paths import PRIVATE_DIR, ServerPaths, ensure_dir
+from kitt.pki import load_cert
 from kitt.process import PidFile, foreground_argv, pid_state, spawn_background, stop_daemon
-from kitt.protocol import DEFAULT_HEARTBEAT_INTERVAL_S
+from kitt.protocol import DEFAULT_HEARTBEAT_INTERVAL_S, TokenCreate, describe_validation_error
+from kitt.server.admin_token import ensure_admin_token
+from kitt.server.certs import ServerCerts, san_request, sans
 from kitt.server.settings import DEFAULT_SERVER_PORT, ServerSettings
+from kitt.urls import is_loopback
 
 
 @click.group(cls=KittGroup, name="server")
@@ -45,6 +59,40 @@ def _paths(data_dir: Path | None) -> ServerPaths:
 )
 @data_dir_option
 @click.option("--foreground", is_flag=True, help="Stay attached; log to stderr.")
+@click.option(
+    "--tls/--no-tls",
+    default=None,
+    help="Serve HTTPS with the fleet CA (default: on unless --host is a loopback address).",
+)
+@click.option(
+    "--hostname",
+    "hostnames",
+    multiple=True,
+    help="DNS name agents use to reach this server (repeatable; goes into its certificate).",
+)
+@click.option(
+    "--ip",
+    "ips",
+    multiple=True,
+    help="IP address agents use to reach this server (repeatable; goes into its certificate).",
+)
+@click.option(
+    "--agent-cert-lifetime",
+    type=Duration(),
+    default="90d",
+    show_default=True,
+    help="Validity of agent certificates (agents renew at two thirds of it).",
+)
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="No tokens at all (development only; refused unless --host is a loopback address).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow plain HTTP on a non-loopback address (development only; warns at every start).",
+)
 @click.option(
     "--heartbeat-interval",
     type=Duration(),
@@ -85,6 +133,12 @@ def start(
     port: int,
     data_dir: Path | None,
     foreground: bool,
+    tls: bool | None,
+    hostnames: tuple[str, ...],
+    ips: tuple[str, ...],
+    agent_cert_lifetime: float,
+    no_auth: bool,
+    insecure: bool,
     heartbeat_interval: float,
     heartbeat_retention: float,
     lost_after: float,
@@ -94,7 +148,19 @@ def start(
 ) -> None:
     """Start the server (in the background unless --foreground)."""
     paths = _paths(data_dir)
-    ensure_dir(paths.data_dir, PRIVATE_DIR)  # holds the database and, later, the CA key
+    ensure_dir(paths.data_dir, PRIVATE_DIR)  # holds the database and the CA key
+    loopback = is_loopback(host)
+    if tls is None:
+        tls = not loopback
+    if no_auth and not loopback:
+        raise click.UsageError(
+            f"--no-auth is refused on {host}: it is only allowed on a loopback address"
+        )
+    if not tls and not loopback and not insecure:
+        raise click.UsageError(
+            f"plain HTTP on {host} would send tokens in clear text: drop --no-tls, or add "
+            "--insecure for a development setup"
+        )
     if foreground:
         from kitt.process import run_until_signalled
         from kitt.server.daemon import ServerDaemon
@@ -106,6 +172,12 @@ def start(
             heartbeat_interval_s=heartbeat_interval,
             heartbeat_retention_s=heartbeat_retention,
             lost_after_s=lost_after,
+            tls=tls,
+            hostnames=list(hostnames),
+            ips=list(ips),
+            no_auth=no_auth,
+            insecure=insecure,
+            agent_cert_lifetime=timedelta(seconds=agent_cert_lifetime),
         )
         setup_logging(log_file, log_level)
         run_until_signalled(ServerDaemon(settings), PidFile(paths.pid, "server"))
@@ -121,12 +193,46 @@ def start(
         "--heartbeat-interval", repr(heartbeat_interval),
         "--heartbeat-retention", repr(heartbeat_retention),
         "--lost-after", repr(lost_after),
+        "--agent-cert-lifetime", repr(agent_cert_lifetime),
         "--log-level", log_level,
         "--log-file", str(paths.log),
+        "--tls" if tls else "--no-tls",
     ]  # fmt: skip
+    for flag, values in (("--hostname", hostnames), ("--ip", ips)):
+        for value in values:
+            argv += [flag, value]
+    argv += [flag for flag, on in (("--no-auth", no_auth), ("--insecure", insecure)) if on]
+    new_token = None
+    if not no_auth:
+        token, created = ensure_admin_token(paths.admin_token)
+        new_token = token if created else None
     pid = spawn_background(foreground_argv(argv), paths.log, ready_timeout)
     url = json.loads(paths.endpoint.read_text())["url"]
     click.echo(f"server started (pid {pid}) at {url}; data in {paths.data_dir}; log: {paths.log}")
+    _print_security(paths, url, tls, no_auth, new_token)
+
+
+def _print_security(
+    paths: ServerPaths, url: str, tls: bool, no_auth: bool, new_token: str | None
+) -> None:
+    if no_auth:
+        console.print(
+            "[bold red]WARNING: authentication is OFF (--no-auth)[/]: anyone on this host "
+            "can control the server"
+        )
+    if new_token is not None:
+        console.print(
+            f"admin token (shown once; kept in {paths.admin_token}, mode 0600):\n  {new_token}",
+            highlight=False,
+        )
+    if tls:
+        certs = ServerCerts(paths.certs)
+        console.print(
+            f"fleet CA {certs.ca}\n  SHA-256 fingerprint {certs.fingerprint()}\n"
+            f"enroll an agent: kitt-agent init --server {url} --ca-fingerprint "
+            f"{certs.fingerprint()} --token $(kitt server token create --quiet)",
+            highlight=False,
+        )
 
 
 @server.command()
@@ -140,8 +246,10 @@ def status(data_dir: Path | None, as_json: bool) -> None:
     url = None
     if st.state == "running":
         try:
-            url = json.loads(paths.endpoint.read_text())["url"]
-            with build_client(url, timeout=3) as client:
+            endpoint = json.loads(paths.endpoint.read_text())
+            url = endpoint["url"]
+            ca = Path(endpoint["ca"]) if endpoint.get("ca") else None
+            with build_client(url, timeout=3, tls=TlsFiles(ca=ca)) as client:
                 health = client.get("/api/v1/health").json()
         except (OSError, ValueError, KeyError, httpx.HTTPError):
             health = None
@@ -179,3 +287,155 @@ def stop(data_dir: Path | None, timeout: float) -> None:
         click.echo(str(exc))
         return
     click.echo(f"server stopped (pid {pid})")
+
+
+@server.command()
+@data_dir_option
+@click.option("--fingerprint", "only_fingerprint", is_flag=True, help="Print only the fingerprint.")
+def ca(data_dir: Path | None, only_fingerprint: bool) -> None:
+    """Print the fleet CA certificate (copy it to agents as ~/.kitt/certs/ca.pem) and its
+    SHA-256 fingerprint (for `kitt-agent init --ca-fingerprint`)."""
+    certs = _certs(data_dir)
+    if only_fingerprint:
+        click.echo(certs.fingerprint())
+        return
+    click.echo(certs.ca.read_text(), nl=False)
+    click.echo(f"SHA-256 fingerprint: {certs.fingerprint()}", err=True)
+
+
+def _certs(data_dir: Path | None) -> ServerCerts:
+    certs = ServerCerts(_paths(data_dir).certs)
+    if not certs.exists():
+        raise KittError(
+            f"no fleet CA in {certs.dir}: start the server with TLS first "
+            "(kitt server start --tls, or on a non-loopback --host)"
+        )
+    return certs
+
+
+@server.group(cls=KittGroup)
+def cert() -> None:
+    """The server's own TLS certificate."""
+
+
+@cert.command()
+@data_dir_option
+@click.option("--hostname", "hostnames", multiple=True, help="DNS name to include (repeatable).")
+@click.option("--ip", "ips", multiple=True, help="IP address to include (repeatable).")
+def rotate(data_dir: Path | None, hostnames: tuple[str, ...], ips: tuple[str, ...]) -> None:
+    """Issue a new server certificate (new key) from the same CA; agents keep working.
+
+    Without --hostname/--ip it keeps the names of the current certificate."""
+    certs = _certs(data_dir)
+    names, addrs = list(hostnames), list(ips)
+    if not names and not addrs and certs.cert.exists():
+        old_names, old_ips = sans(load_cert(certs.cert))
+        names, addrs = old_names, [str(ip) for ip in old_ips]
+    names, addrs = san_request(names, addrs)
+    cert_obj = certs.issue_server_cert(names, addrs)
+    click.echo(
+        f"new server certificate {certs.cert} for {', '.join(names + addrs)} "
+        f"(valid until {cert_obj.not_valid_after_utc:%Y-%m-%d})"
+    )
+    if pid_state(_paths(data_dir).pid).state == "running":
+        click.echo("restart the server to serve it: kitt server stop && kitt server start …")
+
+
+@server.group(cls=KittGroup)
+def token() -> None:
+    """Bootstrap tokens that let new agents enroll."""
+
+
+@token.command("create")
+@server_option
+@click.option(
+    "--ttl", type=Duration(), default="1h", show_default=True, help="How long it stays valid."
+)
+@click.option(
+    "--uses", type=click.IntRange(1, 100_000), default=1, show_default=True,
+    help="How many agents may enroll with it.",
+)  # fmt: skip
+@click.option("--note", help="A reminder of what it is for (shown by `token list`).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the token (for scripts).")
+def token_create(
+    server_url: str | None, ttl: float, uses: int, note: str | None, quiet: bool
+) -> None:
+    """Make a bootstrap token; it is shown once."""
+    try:
+        request = TokenCreate(ttl_s=ttl, uses=uses, note=note)
+    except ValidationError as exc:
+        raise click.BadParameter(describe_validation_error(exc)) from None
+    with open_fleet(server_url) as fleet:
+        created = fleet.create_token(request)
+    if quiet:
+        click.echo(created.token)
+        return
+    click.echo(
+        f"bootstrap token {created.id}: {created.max_uses} use(s), valid until "
+        f"{created.expires_at:%Y-%m-%d %H:%M:%S} UTC (shown once):\n{created.token}"
+    )
+
+
+@token.command("list")
+@server_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def token_list(server_url: str | None, as_json: bool) -> None:
+    """Bootstrap tokens (never their secret), newest first."""
+    with open_fleet(server_url) as fleet:
+        items = fleet.tokens()
+    if print_json_or_nothing(items, as_json, "no bootstrap tokens"):
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "STATE", "USES", "EXPIRES", "NOTE"):
+        table.add_column(col)
+    for t in items:
+        table.add_row(
+            t.id, t.state, f"{t.uses}/{t.max_uses}", f"{t.expires_at:%Y-%m-%d %H:%M}", t.note or ""
+        )
+    console.print(table)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@server_option
+def token_revoke(token_id: str, server_url: str | None) -> None:
+    """Revoke a bootstrap token (agents already enrolled with it are not affected)."""
+    with open_fleet(server_url) as fleet:
+        info = fleet.revoke_token(token_id)
+    click.echo(f"bootstrap token {info.id} is {info.state}")
+
+
+@server.command("issue-agent-cert")
+@click.argument("name")
+@data_dir_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write the bundle into (created; must be empty or new).",
+)
+@click.option("--server-url", help="URL the agent will use (default: this host's running server).")
+@click.option(
+    "--lifetime", type=Duration(), default="90d", show_default=True, help="Certificate validity."
+)
+def issue_agent_cert(
+    name: str, data_dir: Path | None, out: Path, server_url: str | None, lifetime: float
+) -> None:
+    """Enroll an air-gapped agent offline: key, certificate and token in a bundle to carry
+    over (then on that host: kitt-agent init --bundle DIR)."""
+    from kitt.server.bundle import write_bundle
+
+    paths = _paths(data_dir)
+    url = server_url or _local_url(paths)
+    written = write_bundle(paths, _certs(data_dir), name, out, url, timedelta(seconds=lifetime))
+    click.echo(f"wrote {', '.join(p.name for p in written)} to {out} (keep it private)")
+    click.echo(f"on the agent host: kitt-agent init --bundle {out}")
+
+
+def _local_url(paths: ServerPaths) -> str:
+    try:
+        return str(json.loads(paths.endpoint.read_text())["url"])
+    except (OSError, ValueError, KeyError):
+        raise KittError(
+            "the server is not running here: pass --server-url https://HOST:PORT"
+        ) from None

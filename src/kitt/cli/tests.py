@@ -10,9 +10,16 @@ import click
 from pydantic import ValidationError
 from rich.table import Table
 
-from kitt.cli.agents import server_option
-from kitt.cli.common import KittGroup, ago, console, human_duration, print_json_or_nothing
-from kitt.fleet_client import FleetClient, resolve_server_url
+from kitt.cli.common import (
+    KittGroup,
+    ago,
+    console,
+    human_duration,
+    open_fleet,
+    print_json_or_nothing,
+    server_option,
+)
+from kitt.fleet_client import FleetClient
 from kitt.protocol import (
     TERMINAL_STATUSES,
     ParamValue,
@@ -94,7 +101,7 @@ def run(
         )  # fmt: skip
     except ValidationError as exc:
         raise click.UsageError(describe_validation_error(exc)) from None
-    with FleetClient(resolve_server_url(server_url)) as fleet:
+    with open_fleet(server_url) as fleet:
         test = fleet.submit(request)
         if not as_json:
             console.print(f"test {test.id} queued on agent {test.agent_name} ({test.benchmark})")
@@ -140,7 +147,7 @@ def _print_outcome(test: TestInfo) -> None:
 def list_tests(status: str | None, agent: str | None, limit: int, server_url: str | None,
                as_json: bool) -> None:  # fmt: skip
     """Recent tests, newest first."""
-    with FleetClient(resolve_server_url(server_url)) as fleet:
+    with open_fleet(server_url) as fleet:
         tests = fleet.tests(status, agent, limit)
     if print_json_or_nothing(tests, as_json, "no tests"):
         return
@@ -160,7 +167,7 @@ def list_tests(status: str | None, agent: str | None, limit: int, server_url: st
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(test_id: str, server_url: str | None, as_json: bool) -> None:
     """One test: status, timings, parameters, error and result."""
-    with FleetClient(resolve_server_url(server_url)) as fleet:
+    with open_fleet(server_url) as fleet:
         test = fleet.test(test_id)
     if as_json:
         click.echo(test.model_dump_json(indent=2))
@@ -194,7 +201,7 @@ def show(test_id: str, server_url: str | None, as_json: bool) -> None:
 @server_option
 def logs(test_id: str, follow: bool, server_url: str | None) -> None:
     """Print a test's log (stored lines; with --follow, live until the test ends)."""
-    with FleetClient(resolve_server_url(server_url)) as fleet:
+    with open_fleet(server_url) as fleet:
         if not follow:
             for line in fleet.log_text(test_id):
                 click.echo(line)
@@ -213,7 +220,7 @@ def logs(test_id: str, follow: bool, server_url: str | None) -> None:
 @server_option
 def cancel(test_id: str, server_url: str | None) -> None:
     """Cancel a test: a queued one never runs; a running one is stopped on its agent."""
-    with FleetClient(resolve_server_url(server_url)) as fleet:
+    with open_fleet(server_url) as fleet:
         test = fleet.cancel(test_id)
     if test.status == "cancelled":
         click.echo(f"test {test.id} cancelled")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 
 from kitt import __version__
-from kitt.jsonapi import dump, install_json_errors
+from kitt.jsonapi import ApiFailure, dump, install_json_errors
 from kitt.protocol import Health
-from kitt.server.api import agent_channel, fleet
+from kitt.server.api import agent_channel, fleet, tokens
 from kitt.server.api import tests as tests_api
+from kitt.server.auth import Auth
+from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
 from kitt.server.settings import ServerSettings
@@ -28,6 +30,8 @@ def create_app(
     dispatcher: Dispatcher,
     logs: LogStore,
     events: EventHub,
+    auth: Auth,
+    certs: ServerCerts | None = None,
 ) -> Flask:
     app = Flask("kitt.server")
     install_json_errors(app)
@@ -38,6 +42,8 @@ def create_app(
     app.extensions["kitt.dispatcher"] = dispatcher
     app.extensions["kitt.logs"] = logs
     app.extensions["kitt.events"] = events
+    app.extensions["kitt.auth"] = auth
+    app.extensions["kitt.certs"] = certs
     # Three quarters of the workers at most for log streams; the rest serve agents.
     app.extensions["kitt.streams"] = StreamSlots(max(1, settings.numthreads * 3 // 4))
 
@@ -45,7 +51,16 @@ def create_app(
     def health() -> Any:
         return dump(Health(version=__version__))
 
+    @app.get("/api/v1/ca.pem")
+    def ca_pem() -> Any:
+        """The fleet CA, public by nature: `kitt-agent init --ca-fingerprint` fetches it
+        and checks it against the fingerprint the operator gave out of band."""
+        if certs is None:
+            raise ApiFailure(404, "this server runs plain HTTP and has no CA")
+        return Response(certs.ca.read_bytes(), mimetype="application/x-pem-file")
+
     app.register_blueprint(agent_channel.bp)
     app.register_blueprint(fleet.bp)
     app.register_blueprint(tests_api.bp)
+    app.register_blueprint(tokens.bp)
     return app

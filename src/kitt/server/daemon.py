@@ -8,20 +8,26 @@ import os
 
 from sqlalchemy import Engine
 
-from kitt import __version__
+from kitt import __version__, pki
 from kitt.errors import KittError
-from kitt.http import WsgiServer
+from kitt.http import ListenerTls, WsgiServer
 from kitt.paths import ensure_dir, write_private
 from kitt.process import run_steps
+from kitt.server.admin_token import ensure_admin_token
 from kitt.server.app import create_app
+from kitt.server.auth import Auth
+from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
 from kitt.server.reaper import Reaper
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter, heartbeat_writer
+from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.db import make_engine, migrate, sqlite_url
 from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
+from kitt.tokens import token_hash
+from kitt.urls import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -47,54 +53,85 @@ class ServerDaemon:
         self._events: EventHub | None = None
 
     def start(self) -> None:
+        settings = self.settings
+        certs = self._prepare_certs() if settings.tls else None
+        tls = None
+        if certs is not None:
+            # Client certificates are optional at the handshake (browsers, the CLI and
+            # enrollment have none) and required per endpoint by the app.
+            tls = ListenerTls(certs.cert, certs.key, certs.ca, require_client_cert=False)
         self._http = WsgiServer(
             None,
-            self.settings.host,
-            self.settings.port,
-            numthreads=self.settings.numthreads,
+            settings.host,
+            settings.port,
+            numthreads=settings.numthreads,
             name="kitt-server",
+            tls=tls,
         )
         self._http.bind()  # a port clash fails the start before the database is touched
-        self._engine = open_database(self.settings)
+        self._engine = open_database(settings)
         store = AgentStore(self._engine)
+        credentials = CredentialStore(self._engine)
+        admin_hash = None
+        if not settings.no_auth:
+            admin_hash = token_hash(ensure_admin_token(settings.paths.admin_token)[0])
+        auth = Auth(credentials, admin_hash, tls=certs is not None)
         events = self._events = EventHub()
         tests = TestStore(self._engine, on_change=events.notify)
         self._heartbeats = heartbeat_writer(store)
         self._heartbeats.start()
-        self._dispatcher = Dispatcher(tests, store)
+        push_context = None
+        if certs is not None:
+            # The server's certificate is also its client certificate toward agents.
+            push_context = pki.client_context(certs.ca, certs.cert, certs.key)
+        self._dispatcher = Dispatcher(tests, store, credentials, push_context)
         self._dispatcher.start()
         self._http.set_app(
             create_app(
-                self.settings,
-                store,
-                self._heartbeats,
-                tests,
-                self._dispatcher,
-                LogStore(self._engine),
-                events,
+                settings, store, self._heartbeats, tests, self._dispatcher,
+                LogStore(self._engine), events, auth, certs,
             )
-        )
+        )  # fmt: skip
         self._http.start()
-        self._reaper = Reaper(store, tests, self.settings)
+        self._reaper = Reaper(store, tests, settings, credentials=credentials)
         self._reaper.start()
-        url = f"http://{_url_host(self.settings.host)}:{self._http.bound_port}"
-        write_private(
-            self.settings.paths.endpoint,
-            json.dumps({"url": url, "pid": os.getpid(), "version": __version__}),
-        )
+        url = f"{self._http.scheme}://{_url_host(settings.host)}:{self._http.bound_port}"
+        endpoint = {"url": url, "pid": os.getpid(), "version": __version__}
+        if certs is not None:
+            endpoint["ca"] = str(certs.ca)
+        write_private(settings.paths.endpoint, json.dumps(endpoint))
         log.info(
             "kitt server %s listening on %s (database %s, heartbeat %g s, offline after %g s)",
             __version__,
             url,
             self._engine.url.render_as_string(hide_password=True),
-            self.settings.heartbeat_interval_s,
-            self.settings.offline_after_s,
+            settings.heartbeat_interval_s,
+            settings.offline_after_s,
         )
-        if self.settings.host not in ("127.0.0.1", "localhost", "::1"):
+        self._warn_about_exposure()
+
+    def _prepare_certs(self) -> ServerCerts:
+        certs = ServerCerts(self.settings.paths.certs)
+        try:
+            for line in certs.ensure(self.settings.hostnames, self.settings.ips):
+                log.info("%s", line)
+            log.info("fleet CA %s, SHA-256 fingerprint %s", certs.ca, certs.fingerprint())
+        except pki.PkiError as exc:
+            raise KittError(f"cannot set up TLS: {exc}") from exc
+        return certs
+
+    def _warn_about_exposure(self) -> None:
+        s = self.settings
+        if s.no_auth:
             log.warning(
-                "listening on %s without TLS or authentication: anyone who can reach this "
-                "port can register agents and read the fleet",
-                self.settings.host,
+                "AUTHENTICATION IS OFF (--no-auth): any local user can control this server "
+                "and register agents; never use this outside development"
+            )
+        if not s.tls and not is_loopback(s.host):
+            log.warning(
+                "INSECURE (--insecure): listening on %s over plain HTTP; tokens and test data "
+                "cross the network in clear text",
+                s.host,
             )
 
     def hurry(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import ssl
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -26,6 +27,7 @@ from kitt.http import build_client
 from kitt.protocol import Command, CommandAccepted, RunTestPayload
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.store.agents import AgentStore
+from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.models import TestRun
 from kitt.server.store.tests import TestStore
 
@@ -56,9 +58,19 @@ def command_for(test: TestRun) -> Command:
 
 
 class Dispatcher:
-    def __init__(self, tests: TestStore, agents: AgentStore) -> None:
+    def __init__(
+        self,
+        tests: TestStore,
+        agents: AgentStore,
+        credentials: CredentialStore | None = None,
+        push_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``push_context`` (HTTPS servers) carries the server's certificate as a client
+        certificate; agents accept commands only from it."""
         self._tests = tests
         self._agents = agents
+        self._credentials = credentials
+        self._push_context = push_context
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._generation: dict[str, int] = {}
@@ -148,9 +160,15 @@ class Dispatcher:
         if agent is None or not agent.online or not agent.address:
             return
         host = f"[{agent.address}]" if ":" in agent.address else agent.address
-        url = f"http://{host}:{agent.port}"
-        with build_client(url, timeout=PUSH_TIMEOUT_S) as http:
-            api = ApiClient(http)
+        scheme = "https" if self._push_context is not None else "http"
+        key = self._credentials.push_key(agent.name) if self._credentials is not None else None
+        with build_client(
+            f"{scheme}://{host}:{agent.port}",
+            token=key,
+            timeout=PUSH_TIMEOUT_S,
+            ssl_context=self._push_context,
+        ) as http:
+            api = ApiClient(http, tls_name=agent.name)
             for test in self._tests.pending_for(agent_id):
                 if test.status == "dispatched" and not test.cancel_requested:
                     continue  # already sent; re-sending is the heartbeat's job

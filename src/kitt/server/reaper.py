@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore
+from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.tests import TestStore
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,13 @@ class Reaper(threading.Thread):
         tests: TestStore,
         settings: ServerSettings,
         started: datetime | None = None,
+        credentials: CredentialStore | None = None,
     ) -> None:
         super().__init__(name="reaper", daemon=True)
         self._store = store
         self._tests = tests
         self._settings = settings
+        self._credentials = credentials
         self._stop_event = threading.Event()
         # Check often enough that "offline after 3 intervals" is late by at most half an
         # interval, but never spin faster than twice a second.
@@ -79,3 +82,23 @@ class Reaper(threading.Thread):
             pruned = self._store.prune_heartbeats(horizon)
             if pruned:
                 log.info("pruned %d heartbeat samples older than %s", pruned, horizon.isoformat())
+            self.warn_expiring_certs(now)
+
+    def warn_expiring_certs(self, now: datetime) -> list[str]:
+        """Name the agents whose certificate expires soon (they renew at 2/3 of the
+        lifetime, so one that shows up here has failed to renew)."""
+        if self._credentials is None:
+            return []
+        soon = now + self._settings.cert_warn_before
+        names = []
+        for cred in self._credentials.all().values():
+            expiry = cred.cert_not_after
+            if cred.revoked_at is None and expiry is not None and expiry < soon:
+                names.append(cred.name)
+                left = (expiry - now).total_seconds() / 86400
+                log.warning(
+                    "agent %s: certificate %s (renew with `kitt-agent renew` on that host)",
+                    cred.name,
+                    f"expires in {left:.1f} days" if left > 0 else "has EXPIRED",
+                )
+        return names

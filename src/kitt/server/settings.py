@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from kitt.paths import ServerPaths
+from kitt.pki import DEFAULT_AGENT_CERT_LIFETIME
 from kitt.protocol import DEFAULT_HEARTBEAT_INTERVAL_S, MISSED_HEARTBEATS_OFFLINE
 
 DEFAULT_SERVER_PORT = 8080
@@ -20,6 +22,15 @@ class ServerSettings:
     numthreads: int = 64
     # A dispatched or running test whose agent stays offline this long is "lost".
     lost_after_s: float = 300.0
+    # Security (ARCHITECTURE.md §6): HTTPS with the fleet CA, and tokens unless no_auth.
+    tls: bool = False
+    hostnames: list[str] = field(default_factory=list)
+    ips: list[str] = field(default_factory=list)
+    no_auth: bool = False
+    insecure: bool = False
+    agent_cert_lifetime: timedelta = DEFAULT_AGENT_CERT_LIFETIME
+    # Agent certificates expiring sooner than this are named in the log.
+    cert_warn_before: timedelta = timedelta(days=14)
 
     @property
     def offline_after_s(self) -> float:

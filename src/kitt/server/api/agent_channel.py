@@ -1,4 +1,8 @@
-"""Endpoints agents call: register and heartbeat."""
+"""Endpoints agents call: enroll, register, heartbeat, renew, and reports on their tests.
+
+Each one authenticates the caller first (:mod:`kitt.server.auth`), before it parses the
+body or writes anything.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,33 @@ import itertools
 from datetime import datetime, timezone
 from typing import Any
 
+from cryptography import x509
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
+from kitt import pki
 from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
 from kitt.protocol import (
+    CertificateIssued,
+    EnrollRequest,
+    EnrollResponse,
     Heartbeat,
     HeartbeatResponse,
     LogBatch,
     RegisterRequest,
     RegisterResponse,
+    RenewRequest,
     ResultReport,
     TestStatusReport,
 )
+from kitt.server.auth import auth
+from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, BeatRecord, HeartbeatWriter
+from kitt.server.store.credentials import CredentialError, CredentialStore, Issued
 from kitt.server.store.group_commit import WriterStoppedError
 from kitt.server.store.logs import LogStore
 from kitt.server.store.models import TestRun
@@ -40,10 +53,119 @@ def _settings() -> ServerSettings:
     return current_app.extensions["kitt.settings"]  # type: ignore[no-any-return]
 
 
+def _credentials() -> CredentialStore:
+    return auth().credentials
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _certs() -> ServerCerts:
+    certs: ServerCerts | None = current_app.extensions["kitt.certs"]
+    if certs is None:
+        raise ApiFailure(
+            400,
+            "this server runs plain HTTP and issues no certificates: agents register with "
+            "their bootstrap token directly (or start the server with --tls)",
+        )
+    return certs
+
+
+def _sign(csr_pem: str, name: str) -> tuple[x509.Certificate, tuple[str, datetime]]:
+    try:
+        cert = _certs().issuer().sign_agent_csr(csr_pem, name, _settings().agent_cert_lifetime)
+    except pki.PkiError as exc:
+        raise ApiFailure(400, f"certificate request refused: {exc}") from None
+    return cert, (f"{cert.serial_number:x}", cert.not_valid_after_utc)
+
+
+@bp.post("/enroll")
+def enroll() -> Any:
+    """A new agent's first call: a bootstrap token and a CSR in, its cert and token out."""
+    certs = _certs()
+    bootstrap = auth().presented_token()
+    if bootstrap is None:
+        raise ApiFailure(401, "enrollment needs a bootstrap token (kitt server token create)")
+    req = parse_body(EnrollRequest)
+    signed: list[x509.Certificate] = []
+
+    def certify() -> tuple[str, datetime]:
+        cert, record = _sign(req.csr_pem, req.name)
+        signed.append(cert)
+        return record
+
+    try:
+        pki.check_csr(req.csr_pem, req.name)
+    except pki.PkiError as exc:
+        raise ApiFailure(400, f"certificate request refused: {exc}") from None
+    try:
+        issued = _credentials().issue(bootstrap, req.name, _now(), certify)
+    except CredentialError as exc:
+        raise ApiFailure(exc.status, exc.message) from None
+    current_app.logger.info("agent %s enrolled (%s)", req.name, request.remote_addr)
+    cert = signed[0]
+    return dump(
+        EnrollResponse(
+            name=req.name,
+            token=issued.token,
+            cert_pem=pki.cert_pem(cert).decode(),
+            ca_pem=certs.ca.read_text(),
+            not_after=cert.not_valid_after_utc,
+        ),
+        201,
+    )
+
+
+@bp.post("/renew")
+def renew() -> Any:
+    """A fresh certificate for the calling agent, authenticated by its current one."""
+    certs = _certs()
+    identity = auth().require_agent()
+    req = parse_body(RenewRequest)
+    name = identity.name if identity is not None else ""
+    cert, (serial, not_after) = _sign(req.csr_pem, name)
+    _credentials().record_cert(name, serial, not_after)
+    current_app.logger.info("agent %s renewed its certificate (until %s)", name, not_after)
+    return dump(
+        CertificateIssued(
+            cert_pem=pki.cert_pem(cert).decode(), ca_pem=certs.ca.read_text(), not_after=not_after
+        )
+    )
+
+
+def _registration_identity(name: str) -> Issued | None:
+    """Check who is registering; a bootstrap token (plain HTTP only) issues a token."""
+    policy = auth()
+    if not policy.enabled:
+        return None
+    token = policy.presented_token()
+    if token is None:
+        raise ApiFailure(401, "registration needs a bootstrap or agent token")
+    identity = policy.credentials.identify(token)
+    if identity is not None:
+        if identity.name != name:
+            raise ApiFailure(403, f"this token belongs to agent {identity.name!r}, not {name!r}")
+        policy.require_agent_cert(name)
+        return None
+    if policy.tls:
+        raise ApiFailure(
+            401,
+            "agent token not accepted; on an HTTPS server a new agent enrolls first: "
+            "kitt-agent init --server https://… --token BOOTSTRAP_TOKEN",
+        )
+    try:
+        return policy.credentials.issue(token, name, _now())
+    except CredentialError as exc:
+        raise ApiFailure(exc.status, exc.message) from None
+
+
 @bp.post("/register")
 def register() -> Any:
     req = parse_body(RegisterRequest)
-    agent_id, created = _store().register(req, request.remote_addr, datetime.now(timezone.utc))
+    issued = _registration_identity(req.name)
+    agent_id, created = _store().register(req, request.remote_addr, _now())
+    _credentials().forget_cached()  # the token now maps to an agent id
     current_app.logger.info(
         "agent %s %s (id %s, %s, %d GPU)",
         req.name,
@@ -53,7 +175,11 @@ def register() -> Any:
         req.gpu_count,
     )
     return dump(
-        RegisterResponse(agent_id=agent_id, heartbeat_interval_s=_settings().heartbeat_interval_s),
+        RegisterResponse(
+            agent_id=agent_id,
+            heartbeat_interval_s=_settings().heartbeat_interval_s,
+            token=issued.token if issued is not None else None,
+        ),
         201,
     )
 
@@ -61,6 +187,7 @@ def register() -> Any:
 @bp.post("/<agent_id>/heartbeat")
 def heartbeat(agent_id: str) -> Any:
     check_id(agent_id, "agent id")
+    auth().require_agent(agent_id)
     beat = parse_body(Heartbeat)
     writer: HeartbeatWriter = current_app.extensions["kitt.heartbeats"]
     try:
@@ -83,6 +210,7 @@ def _own_test(agent_id: str, test_id: str) -> TestRun:
     """The test, if it belongs to this agent: an agent may only report on its own tests."""
     check_id(agent_id, "agent id")
     check_id(test_id, "test id")
+    auth().require_agent(agent_id)
     tests: TestStore = current_app.extensions["kitt.tests"]
     test = tests.get(test_id)
     if test is None:
@@ -138,6 +266,7 @@ def test_logs(agent_id: str, test_id: str) -> Any:
 @bp.post("/<agent_id>/results")
 def result(agent_id: str) -> Any:
     check_id(agent_id, "agent id")
+    auth().require_agent(agent_id)
     report = parse_body(ResultReport)
     test = _own_test(agent_id, report.test_id)
     if report.command_id != test.command_id:

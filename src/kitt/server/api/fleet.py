@@ -9,11 +9,13 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from kitt.jsonapi import ApiFailure, dump
 from kitt.protocol import AgentDetail, AgentSummary, GpuSample, Hardware, HeartbeatRecord
+from kitt.server.auth import auth, require_admin
 from kitt.server.store.agents import AgentStore
-from kitt.server.store.models import Agent
+from kitt.server.store.models import Agent, AgentCredential
 from kitt.server.store.tests import TestStore
 
 bp = Blueprint("fleet", __name__, url_prefix="/api/v1/agents")
+bp.before_request(require_admin)
 
 MAX_HISTORY = 10_000
 
@@ -22,8 +24,10 @@ def _store() -> AgentStore:
     return current_app.extensions["kitt.agents"]  # type: ignore[no-any-return]
 
 
-def summary_fields(agent: Agent) -> dict[str, Any]:
+def summary_fields(agent: Agent, cred: AgentCredential | None) -> dict[str, Any]:
     return {
+        "cert_expires_at": cred.cert_not_after if cred is not None else None,
+        "revoked": cred is not None and cred.revoked_at is not None,
         "id": agent.id,
         "name": agent.name,
         "hostname": agent.hostname,
@@ -52,8 +56,10 @@ def _get(id_or_name: str) -> Agent:
 
 @bp.get("")
 def list_agents() -> Response:
+    creds = auth().credentials.all()
     agents = [
-        AgentSummary(**summary_fields(a)).model_dump(mode="json") for a in _store().list_agents()
+        AgentSummary(**summary_fields(a, creds.get(a.name))).model_dump(mode="json")
+        for a in _store().list_agents()
     ]
     return jsonify(agents=agents)
 
@@ -63,7 +69,7 @@ def show(id_or_name: str) -> Any:
     agent = _get(id_or_name)
     return dump(
         AgentDetail(
-            **summary_fields(agent),
+            **summary_fields(agent, auth().credentials.get(agent.name)),
             cpu_info=agent.cpu_info,
             ram_gb=agent.ram_gb,
             hardware=Hardware.model_validate(agent.hardware),
@@ -108,5 +114,17 @@ def remove(id_or_name: str) -> Any:
     tests: TestStore = current_app.extensions["kitt.tests"]
     closed = tests.close_for_agent(agent.id, datetime.now(timezone.utc))
     _store().delete(agent.id)
+    auth().credentials.delete(agent.name)  # a removed agent must enroll again to return
     current_app.logger.info("agent %s (id %s) removed", agent.name, agent.id)
     return jsonify(deleted=agent.id, name=agent.name, closed_tests=closed), 200
+
+
+@bp.post("/<id_or_name>/revoke")
+def revoke(id_or_name: str) -> Any:
+    """Kill the agent's token at once; the agent stays listed, marked revoked."""
+    agent = _store().find(id_or_name)
+    name = agent.name if agent is not None else id_or_name
+    if not auth().credentials.revoke(name, datetime.now(timezone.utc)):
+        raise ApiFailure(404, f"no agent {id_or_name[:80]!r} with a live credential")
+    current_app.logger.warning("agent %s: credential revoked", name)
+    return jsonify(revoked=True, name=name)

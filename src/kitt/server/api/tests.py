@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from kitt import sse
 from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
 from kitt.protocol import ANY_AGENT, TERMINAL_STATUSES, TestInfo, TestRequest
+from kitt.server.auth import require_admin
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
 from kitt.server.lifecycle import IllegalTransitionError
@@ -21,6 +22,7 @@ from kitt.server.store.tests import TestStore
 from kitt.sse import resume_after
 
 bp = Blueprint("tests", __name__, url_prefix="/api/v1/tests")
+bp.before_request(require_admin)
 
 PAGE = 1000
 KEEPALIVE_S = 15.0

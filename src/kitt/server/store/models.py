@@ -148,3 +148,37 @@ class TestLogLine(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     ts: Mapped[str] = mapped_column(String(40))
     line: Mapped[str] = mapped_column(Text)
+
+
+class AgentCredential(Base):
+    """An agent's identity: its token (hashed) and its certificate, kept apart from the
+    ``agents`` row (presence and facts) so that removing or re-registering an agent and
+    revoking its credential are separate, explicit acts."""
+
+    __tablename__ = "agent_credentials"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # SHA-256 of the agent token; NULL once revoked.
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # What the server presents when it pushes to the agent (HMAC of the token): the
+    # agent can check it, and it is useless for talking to the server as the agent.
+    push_key: Mapped[str | None] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cert_serial: Mapped[str | None] = mapped_column(String(64))
+    cert_not_after: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class BootstrapToken(Base):
+    """A token that lets a new agent enroll, a bounded number of times, until it expires."""
+
+    __tablename__ = "bootstrap_tokens"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    note: Mapped[str | None] = mapped_column(String(128))
