@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import ssl
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from cheroot import wsgi
+from cheroot import errors, wsgi
+from cheroot.server import HTTPConnection
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from kitt import __version__, pki
@@ -88,6 +91,100 @@ def error_message(response: httpx.Response) -> str:
     return str(body)[:200]
 
 
+PLAIN_HTTP_ON_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+
+
+class _DeferredHandshakeAdapter(BuiltinSSLAdapter):
+    """cheroot's TLS adapter, with the handshake moved off the accept loop.
+
+    cheroot handshakes in the thread that accepts connections, so one client that
+    connects and sends nothing stalls every new connection for the socket timeout
+    (measured: 30 s). Here ``wrap`` only wraps; the handshake runs in the worker thread
+    (:class:`_TlsConnection`), and the TLS environ is computed when a request reads it.
+    """
+
+    def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, Mapping[str, Any]]:
+        try:
+            tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError) as exc:
+            raise errors.FatalSSLAlert(*exc.args) from exc
+        return tls, _LazyEnviron(lambda: self.get_environ(tls))  # type: ignore[no-untyped-call]
+
+
+class _LazyEnviron(Mapping[str, Any]):
+    """The connection's TLS variables (verified peer subject…), read after the handshake."""
+
+    def __init__(self, compute: Callable[[], dict[str, Any]]) -> None:
+        self._compute = compute
+        self._env: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._env is None:
+            try:
+                self._env = self._compute()
+            except (TypeError, ValueError, OSError):  # no handshake: nothing to tell
+                self._env = {}
+        return self._env
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+class _TlsConnection(HTTPConnection):
+    """Handshake in the worker thread; answer plain HTTP on the TLS port with a clear 400."""
+
+    _handshake_done = False
+
+    def communicate(self) -> bool:
+        sock = self.socket
+        if isinstance(sock, ssl.SSLSocket) and not self._handshake_done:
+            try:
+                sock.do_handshake()
+            except ssl.SSLError as exc:
+                if "http request" in str(exc).lower():
+                    _refuse_plain_http(sock)
+                else:
+                    log.info("TLS handshake with %s failed: %s", _peer(sock), exc)
+                return False
+            except OSError:
+                return False
+            self._handshake_done = True
+        return bool(super().communicate())  # type: ignore[no-untyped-call]
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "a client"
+
+
+def _refuse_plain_http(sock: ssl.SSLSocket) -> None:
+    """Tell a plain-HTTP client, in plain HTTP, to use https:// (bypassing TLS)."""
+    body = b'{"error": "this port speaks HTTPS: use an https:// URL"}'
+    try:
+        socket.socket.sendall(sock, PLAIN_HTTP_ON_TLS % (len(body), body))
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        # Read what is left of the request, or closing would reset the connection and
+        # the client would never see the answer.
+        sock.settimeout(1.0)
+        for _ in range(64):
+            if not socket.socket.recv(sock, 4096):
+                break
+    except OSError:
+        pass
+
+
 class WsgiServer:
     """A cheroot server run on a background thread.
 
@@ -129,7 +226,7 @@ class WsgiServer:
         setattr(self._server, "error_log", self._error_log)  # noqa: B010 - cheroot's hook
         self._thread: threading.Thread | None = None
         if tls is not None:
-            adapter = BuiltinSSLAdapter(str(tls.cert), str(tls.key))
+            adapter = _DeferredHandshakeAdapter(str(tls.cert), str(tls.key))
             # Our own context: cheroot's default neither verifies client certificates
             # nor lets us reload a renewed certificate into the running listener.
             self._ssl_context = pki.server_context(
@@ -137,6 +234,7 @@ class WsgiServer:
             )
             adapter.context = self._ssl_context
             self._server.ssl_adapter = adapter
+            self._server.ConnectionClass = _TlsConnection
 
     @property
     def scheme(self) -> str:
