@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -68,6 +69,10 @@ class Kitt:
     @property
     def server_url(self) -> str:
         return f"http://127.0.0.1:{self.server_port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.server_port}"
 
     @property
     def agent_url(self) -> str:
@@ -163,6 +168,11 @@ class Kitt:
             headers.setdefault(
                 "Authorization", f"Bearer {self.admin_token if token == 'admin' else token}"
             )
+        ca = self.home / "server" / "certs" / "ca.pem"
+        endpoint = self.home / "server" / "endpoint.json"
+        if endpoint.exists() and json.loads(endpoint.read_text())["url"].startswith("https://"):
+            return httpx.request(method, self.tls_url + path, timeout=10, headers=headers,
+                                 verify=ssl.create_default_context(cafile=str(ca)), **kw)  # fmt: skip
         return httpx.request(method, self.server_url + path, timeout=10, headers=headers, **kw)
 
     def agent_config(self) -> dict[str, Any]:
