@@ -176,3 +176,18 @@ def test_agent_api_errors_are_json(kitt: Kitt) -> None:
     check(httpx.post(kitt.agent_url + "/api/status", content=TWO_MIB), 405)
     status = wait_for(kitt.agent_status, what="status after bad requests")
     assert status["name"] == "solo" and "token" not in json.dumps(status)
+
+
+def test_deep_json_and_markup_in_agent_strings_are_harmless(server: Kitt) -> None:
+    """Nesting is capped by the JSON parser (400, not a stack overflow), and strings an
+    agent controls are printed as text, never as terminal markup."""
+    agent_id, token = _registered(server)
+    deep = b'{"status": "idle", "uptime_s": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    _assert_error(_post_raw(server, f"/api/v1/agents/{agent_id}/heartbeat", deep, token), 400)
+    evil = {**REGISTER, "gpu_info": "[red]8x H100[/red] [link=http://x]y[/link]"}
+    response = server.api("POST", "/api/v1/agents/register", token=token, json=evil)
+    assert response.status_code == 201
+    listing = server.run("agents", "list", check=True).stdout
+    assert "[red]8x H100[/red]" in listing
+    shown = server.run("agents", "show", "probe", check=True).stdout
+    assert "[link=http://x]y[/link]" in shown

@@ -387,6 +387,13 @@ def test_renewal_with_a_short_lifetime_and_forced_renew(kitt: Kitt) -> None:
     )
     expiry = kitt.agent("short")["cert_expires_at"]
     assert expiry is not None
+    # The server names certificates that expire within 14 days in its log (checked at
+    # start, then every minute).
+    kitt.run("server", "stop", check=True)
+    kitt.run("server", "start", "--port", str(kitt.server_port), "--tls",
+             "--agent-cert-lifetime", "12s", check=True)  # fmt: skip
+    wait_for(lambda: "agent short: certificate " in
+             (kitt.home / "server" / "server.log").read_text(), what="expiry warning")  # fmt: skip
 
 
 def test_ca_pinning_and_missing_ca_are_clear(kitt: Kitt) -> None:

@@ -93,7 +93,11 @@ def install_json_errors(app: Flask) -> None:
         if code == 404:
             return error(404, f"no such endpoint: {request.method} {request.path}")
         if code == 405:
-            return error(405, f"method {request.method} not allowed on {request.path}")
+            body, status = error(405, f"method {request.method} not allowed on {request.path}")
+            allowed = getattr(exc, "valid_methods", None)
+            if allowed:
+                body.headers["Allow"] = ", ".join(allowed)
+            return body, status
         return error(code, exc.description or exc.name)
 
     @app.errorhandler(Exception)

@@ -12,8 +12,10 @@ from kitt.agent.auth import AgentAuth
 from kitt.agent.config import AgentConfig
 from kitt.agent.jobs import CommandError, JobManager
 from kitt.agent.log_streamer import End, Gap, LogLine
+from kitt.agent.openapi_spec import agent_openapi
 from kitt.agent.state import AgentState
 from kitt.jsonapi import ApiFailure, check_id, dump, install_json_errors, parse_body
+from kitt.openapi import install_openapi
 from kitt.protocol import AgentStatusReport, Command, CommandAccepted, Health
 from kitt.sse import resume_after
 
@@ -43,6 +45,7 @@ def create_agent_app(
 ) -> Flask:
     app = Flask("kitt.agent")
     install_json_errors(app)
+    install_openapi(app, agent_openapi)
     streams = sse.StreamSlots(AGENT_STREAMS)
 
     @app.post("/api/commands")

@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timezone
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from kitt.cli.common import (
@@ -56,8 +57,8 @@ def list_agents(server_url: str | None, as_json: bool) -> None:
         table.add_row(
             a.name,
             "[red]revoked[/]" if a.revoked else f"[{style}]{a.state}[/]",
-            a.current_task or "-",
-            a.gpu_info or "none",
+            escape(a.current_task or "-"),
+            escape(a.gpu_info or "none"),
             _fmt(a.gpu_utilization_pct, "%"),
             _fmt(a.gpu_memory_used_gb, " GB"),
             f"{a.address}:{a.port}" if a.address else "-",
@@ -105,13 +106,13 @@ def show(name: str, server_url: str | None, history: int, as_json: bool) -> None
         ("name", detail.name),
         ("id", detail.id),
         ("state", f"[{style}]{detail.state}[/]"),
-        ("current task", detail.current_task or "-"),
-        ("host", f"{detail.hostname} ({detail.address}:{detail.port})"),
-        ("kitt", detail.kitt_version),
-        ("cpu", detail.cpu_info or "-"),
+        ("current task", escape(detail.current_task or "-")),
+        ("host", escape(f"{detail.hostname} ({detail.address}:{detail.port})")),
+        ("kitt", escape(detail.kitt_version)),
+        ("cpu", escape(detail.cpu_info or "-")),
         ("ram", f"{_fmt(detail.ram_used_gb, '')} / {_fmt(detail.ram_gb, ' GB')}"),
-        ("gpus", detail.gpu_info or "none"),
-        ("driver / cuda", f"{hw.gpu_driver_version or '-'} / {hw.cuda_version or '-'}"),
+        ("gpus", escape(detail.gpu_info or "none")),
+        ("driver / cuda", escape(f"{hw.gpu_driver_version or '-'} / {hw.cuda_version or '-'}")),
         ("uptime", human_duration(detail.uptime_s)),
         ("registered", ago(detail.registered_at)),
         ("last seen", ago(detail.last_seen_at)),
@@ -124,7 +125,7 @@ def show(name: str, server_url: str | None, history: int, as_json: bool) -> None
         for g in detail.gpus:
             table.add_row(
                 str(g.index),
-                g.name or "-",
+                escape(g.name or "-"),
                 _fmt(g.utilization_pct, "%"),
                 f"{_fmt(g.memory_used_gb, '')} / {_fmt(g.memory_total_gb, ' GB')}",
                 _fmt(g.temperature_c, " °C", 0),

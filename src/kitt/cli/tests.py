@@ -8,6 +8,7 @@ import time
 
 import click
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from kitt.cli.common import (
@@ -133,7 +134,7 @@ def _print_outcome(test: TestInfo) -> None:
         f"test {test.id} [{style}]{test.status}[/] after {_duration(test)}", highlight=False
     )
     if test.error:
-        console.print(f"error: {test.error}", highlight=False)
+        console.print(f"error: {escape(test.error)}", highlight=False)
     if test.result is not None:
         console.print_json(json.dumps(test.result))
 
@@ -157,7 +158,7 @@ def list_tests(status: str | None, agent: str | None, limit: int, server_url: st
     for t in tests:
         style = STATUS_STYLE.get(t.status, "")
         table.add_row(t.id, t.agent_name, t.benchmark, f"[{style}]{t.status}[/]", ago(t.created_at),
-                      _duration(t), (t.error or "")[:60])  # fmt: skip
+                      _duration(t), escape((t.error or "")[:60]))  # fmt: skip
     console.print(table)
 
 
@@ -181,13 +182,13 @@ def show(test_id: str, server_url: str | None, as_json: bool) -> None:
         ("agent", test.agent_name),
         ("benchmark", test.benchmark),
         ("status", status),
-        ("params", json.dumps(test.params) if test.params else "-"),
+        ("params", escape(json.dumps(test.params)) if test.params else "-"),
         ("submitted", ago(test.created_at)),
         ("dispatched", ago(test.dispatched_at) if test.dispatched_at else "-"),
         ("started", ago(test.started_at) if test.started_at else "-"),
         ("finished", ago(test.finished_at) if test.finished_at else "-"),
         ("duration", _duration(test)),
-        ("error", test.error or "-"),
+        ("error", escape(test.error or "-")),
     ):  # fmt: skip
         console.print(f"{key:>11}: {value}", highlight=False)
     if test.result is not None:

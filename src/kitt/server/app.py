@@ -8,9 +8,11 @@ from flask import Flask, Response
 
 from kitt import __version__
 from kitt.jsonapi import ApiFailure, dump, install_json_errors
+from kitt.openapi import install_openapi
 from kitt.protocol import Health
 from kitt.server.api import agent_channel, fleet, tokens
 from kitt.server.api import tests as tests_api
+from kitt.server.api.openapi_spec import server_openapi
 from kitt.server.auth import Auth
 from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
@@ -35,6 +37,7 @@ def create_app(
 ) -> Flask:
     app = Flask("kitt.server")
     install_json_errors(app)
+    install_openapi(app, server_openapi)
     app.extensions["kitt.settings"] = settings
     app.extensions["kitt.agents"] = agents
     app.extensions["kitt.heartbeats"] = heartbeats

@@ -22,6 +22,8 @@ from kitt.server.store.tests import TestStore
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 300.0
+CERT_CHECK_EVERY_S = 60.0
+CERT_WARN_REPEAT_S = 3600.0  # one warning per agent per hour, not one per check
 
 
 class Reaper(threading.Thread):
@@ -43,6 +45,8 @@ class Reaper(threading.Thread):
         # interval, but never spin faster than twice a second.
         self.period_s = max(0.5, min(settings.heartbeat_interval_s / 2, 15.0))
         self._last_prune = 0.0
+        self._last_cert_check = float("-inf")
+        self._warned: dict[str, float] = {}
         # Silence is only counted from this server's start: after an outage, agents get
         # their full allowance to heartbeat again before being called offline or lost.
         self._counting_from = started or datetime.now(timezone.utc)
@@ -82,6 +86,8 @@ class Reaper(threading.Thread):
             pruned = self._store.prune_heartbeats(horizon)
             if pruned:
                 log.info("pruned %d heartbeat samples older than %s", pruned, horizon.isoformat())
+        if time.monotonic() - self._last_cert_check >= CERT_CHECK_EVERY_S:
+            self._last_cert_check = time.monotonic()
             self.warn_expiring_certs(now)
 
     def warn_expiring_certs(self, now: datetime) -> list[str]:
@@ -95,6 +101,10 @@ class Reaper(threading.Thread):
             expiry = cred.cert_not_after
             if cred.revoked_at is None and expiry is not None and expiry < soon:
                 names.append(cred.name)
+                last = self._warned.get(cred.name)
+                if last is not None and time.monotonic() - last < CERT_WARN_REPEAT_S:
+                    continue
+                self._warned[cred.name] = time.monotonic()
                 left = (expiry - now).total_seconds() / 86400
                 log.warning(
                     "agent %s: certificate %s (renew with `kitt-agent renew` on that host)",

@@ -1,0 +1,373 @@
+"""The server's OpenAPI 3.1 document: every route of ARCHITECTURE.md §4, described once.
+
+Kept beside the blueprints so that whoever changes a route sees its description in the
+same folder; ``tests/test_openapi_fuzz.py`` fuzzes a live server against this document,
+so a description that no longer matches the code fails the suite.
+"""
+
+from __future__ import annotations
+
+from kitt import __version__
+from kitt.openapi import (
+    EVENT_STREAM,
+    ID_OR_NAME_PATTERN,
+    PEM,
+    TEXT,
+    JsonSchema,
+    Operation,
+    Reply,
+    array_of,
+    bearer_scheme,
+    build_document,
+    error,
+    event_stream,
+    header_param,
+    mutual_tls_scheme,
+    obj,
+    openapi_operation,
+    path_param,
+    query_param,
+    sse_event,
+    text,
+)
+from kitt.protocol import (
+    MAX_SEQ,
+    AgentDetail,
+    AgentSummary,
+    CertificateIssued,
+    EnrollRequest,
+    EnrollResponse,
+    Health,
+    Heartbeat,
+    HeartbeatRecord,
+    HeartbeatResponse,
+    LogBatch,
+    RegisterRequest,
+    RegisterResponse,
+    RenewRequest,
+    ResultReport,
+    TestInfo,
+    TestRequest,
+    TestStatusReport,
+    TokenCreate,
+    TokenCreated,
+    TokenInfo,
+)
+
+ADMIN = "adminToken"
+AGENT = "agentToken"
+BOOTSTRAP = "bootstrapToken"
+CLIENT_CERT = "agentCertificate"
+
+AS_ADMIN: tuple[tuple[str, ...], ...] = ((ADMIN,),)
+AS_AGENT: tuple[tuple[str, ...], ...] = ((AGENT,),)
+
+SECURITY_SCHEMES: dict[str, JsonSchema] = {
+    ADMIN: bearer_scheme(
+        "The admin token: `$KITT_HOME/server/admin-token`, created on the server's first start. "
+        "For users, the CLI and the dashboard."
+    ),
+    AGENT: bearer_scheme(
+        "A per-agent token, returned once at enrollment or first registration and stored "
+        "server-side only as a hash. On an HTTPS server the agent also presents its client "
+        "certificate (CN = agent name)."
+    ),
+    BOOTSTRAP: bearer_scheme(
+        "A bootstrap token (`kitt server token create`, or `POST /api/v1/tokens`): limited "
+        "uses and lifetime, only for enrolling or first registering an agent."
+    ),
+    CLIENT_CERT: mutual_tls_scheme(
+        "The agent's client certificate, issued by this server's CA (HTTPS servers only)."
+    ),
+}
+
+TAGS = {
+    "meta": "Health, CA certificate and this document: open to anyone.",
+    "agent-channel": "What agents call: enrollment, registration, heartbeats, test reports.",
+    "fleet": "What users call about agents.",
+    "tests": "What users call about tests.",
+    "tokens": "Bootstrap tokens for enrolling agents.",
+}
+
+AGENT_ID = path_param("agent_id", "The agent's id, as returned by registration.")
+TEST_ID = path_param("test_id", "A test id.")
+ID_OR_NAME = path_param(
+    "id_or_name", "An agent's id or its name (e.g. `gpu-01.lab`).", ID_OR_NAME_PATTERN
+)
+TOKEN_ID = path_param("token_id", "A bootstrap token's id (not the token itself).")
+TEST_STATUSES = ["queued", "dispatched", "running", "completed", "failed", "cancelled", "lost"]
+SEQ: JsonSchema = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
+
+
+_STR: JsonSchema = {"type": "string"}
+_BOOL: JsonSchema = {"type": "boolean"}
+_INT: JsonSchema = {"type": "integer"}
+# The frames of a test's log stream (tests.py).
+TEST_LOG_EVENTS = event_stream(
+    sse_event(
+        "log",
+        obj({"test_id": _STR, "seq": {"type": "integer", "minimum": 1}, "ts": _STR,
+             "line": _STR}),
+        numbered=True,
+    ),
+    sse_event(
+        "end",
+        obj({"test_id": _STR, "status": {"enum": [*TEST_STATUSES, "deleted"]},
+             "last_seq": {"type": "integer", "minimum": 0}}),
+    ),
+)  # fmt: skip
+# The small envelopes the views build with jsonify(); see protocol.py for the models.
+TEST_ACK = obj({"ack": _BOOL, "test_id": _STR, "status": {"enum": TEST_STATUSES}, "changed": _BOOL})
+
+
+def operations() -> list[Operation]:
+    """Every route the server serves, in the order a reader meets them."""
+    return [
+        # --- meta -------------------------------------------------------------------------
+        Operation(
+            "get", "/api/v1/health", "Liveness and version", "getHealth",
+            {200: Reply("The server is up.", Health)}, tags=("meta",),
+        ),
+        Operation(
+            "get", "/api/v1/ca.pem", "The server's CA certificate", "getCaCertificate",
+            {
+                200: text("The CA certificate, PEM.", PEM, TEXT),
+                404: error("This server runs plain HTTP: it has no CA."),
+            },
+            tags=("meta",),
+            description="Public by nature: `kitt-agent init --ca-fingerprint` fetches it and "
+            "checks it against the fingerprint the operator gave out of band.",
+        ),
+        openapi_operation(tags=("meta",)),
+        # --- agent channel ------------------------------------------------------------------
+        Operation(
+            "post", "/api/v1/agents/enroll", "Enroll an agent: sign its CSR", "enrollAgent",
+            {
+                201: Reply("The signed certificate and the agent's own token.", EnrollResponse),
+                400: error("Invalid body or CSR, or this server runs plain HTTP (no CA)."),
+                401: error("No bootstrap token, or one that is unknown, used up or expired."),
+                409: error("An agent of that name is already enrolled."),
+            },
+            tags=("agent-channel",), body=EnrollRequest, security=((BOOTSTRAP,),),
+            description="HTTPS servers only. The token in the reply is returned once.",
+        ),
+        Operation(
+            "post", "/api/v1/agents/register", "Register (or re-register) an agent",
+            "registerAgent",
+            {
+                201: Reply("Registered; `token` is set only when a bootstrap token was used.",
+                           RegisterResponse),
+                409: error("The name was enrolled by another agent meanwhile."),
+            },
+            tags=("agent-channel",), body=RegisterRequest, security=((AGENT,), (BOOTSTRAP,)),
+        ),
+        Operation(
+            "post", "/api/v1/agents/renew", "Renew the calling agent's certificate",
+            "renewCertificate",
+            {
+                200: Reply("The new certificate.", CertificateIssued),
+                400: error("Invalid body or CSR, or this server runs plain HTTP (no CA)."),
+                403: error("No agent client certificate, or one for another agent."),
+            },
+            tags=("agent-channel",), body=RenewRequest, security=((AGENT, CLIENT_CERT),),
+        ),
+        Operation(
+            "post", "/api/v1/agents/{agent_id}/heartbeat", "Report status and telemetry",
+            "heartbeat",
+            {
+                200: Reply("Acknowledged, with any queued commands.", HeartbeatResponse),
+                404: error("Unknown agent id: register again."),
+                503: error("The heartbeat could not be stored now; retry next interval."),
+            },
+            tags=("agent-channel",), params=(AGENT_ID,), body=Heartbeat, security=AS_AGENT,
+        ),
+        Operation(
+            "post", "/api/v1/agents/{agent_id}/tests/{test_id}/status",
+            "Report a test's status (idempotent)", "reportTestStatus",
+            {
+                200: Reply("Applied, or already so (`changed` false).", TEST_ACK),
+                403: error("The test is not this agent's, or the token may not do this."),
+                404: error("No such test, or unknown agent id."),
+                409: error("Illegal transition (e.g. the test has already ended)."),
+            },
+            tags=("agent-channel",), params=(AGENT_ID, TEST_ID), body=TestStatusReport,
+            security=AS_AGENT,
+        ),
+        Operation(
+            "post", "/api/v1/agents/{agent_id}/tests/{test_id}/logs",
+            "Ship a batch of log lines (idempotent by seq)", "shipTestLogs",
+            {
+                200: Reply("Stored (lines already stored are skipped).",
+                           obj({"ack": _BOOL, "stored": _INT, "last_seq": _INT})),
+                400: error("Invalid body, or seq numbers that do not increase."),
+                403: error("The test is not this agent's, or the token may not do this."),
+                404: error("No such test, or unknown agent id."),
+            },
+            tags=("agent-channel",), params=(AGENT_ID, TEST_ID), body=LogBatch,
+            security=AS_AGENT,
+        ),
+        Operation(
+            "post", "/api/v1/agents/{agent_id}/results", "Report a test's result",
+            "reportResult",
+            {
+                202: Reply("Accepted (idempotent by command_id).", TEST_ACK),
+                400: error("Invalid body, or `command_id` is not the test's command."),
+                403: error("The test is not this agent's, or the token may not do this."),
+                404: error("No such test, or unknown agent id."),
+                409: error("Illegal transition (e.g. the test has already ended)."),
+            },
+            tags=("agent-channel",), params=(AGENT_ID,), body=ResultReport, security=AS_AGENT,
+        ),
+        # --- fleet --------------------------------------------------------------------------
+        Operation(
+            "get", "/api/v1/agents", "List agents", "listAgents",
+            {200: Reply("Every registered agent.", obj({"agents": array_of(AgentSummary)}))},
+            tags=("fleet",), security=AS_ADMIN,
+        ),
+        Operation(
+            "get", "/api/v1/agents/{id_or_name}", "Show one agent (never its token)",
+            "showAgent",
+            {200: Reply("The agent.", AgentDetail), 404: error("No such agent.")},
+            tags=("fleet",), params=(ID_OR_NAME,), security=AS_ADMIN,
+        ),
+        Operation(
+            "get", "/api/v1/agents/{id_or_name}/heartbeats", "An agent's heartbeat history",
+            "agentHeartbeats",
+            {
+                200: Reply(
+                    "The newest `limit` heartbeats, oldest first.",
+                    obj({"agent_id": _STR, "heartbeats": array_of(HeartbeatRecord)}),
+                ),
+                400: error("`since` or `limit` is malformed."),
+                404: error("No such agent."),
+            },
+            tags=("fleet",),
+            params=(
+                ID_OR_NAME,
+                query_param("since", {"anyOf": [{"type": "string", "format": "date-time"},
+                                                {"const": ""}]},
+                            "Only heartbeats after this time (ISO 8601, with a zone); "
+                            "empty: no limit."),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": 10_000,
+                                      "default": 1000}, "At most this many, the newest."),
+            ),
+            security=AS_ADMIN,
+        ),
+        Operation(
+            "delete", "/api/v1/agents/{id_or_name}", "Remove an agent", "removeAgent",
+            {
+                200: Reply("Removed; `closed_tests`: its unfinished tests, now closed.",
+                           obj({"deleted": _STR, "name": _STR,
+                               "closed_tests": {"type": "array", "items": _STR}})),
+                404: error("No such agent."),
+            },
+            tags=("fleet",), params=(ID_OR_NAME,), security=AS_ADMIN,
+        ),
+        Operation(
+            "post", "/api/v1/agents/{id_or_name}/revoke",
+            "Revoke an agent's token (and certificate)", "revokeAgent",
+            {
+                200: Reply("Revoked.", obj({"revoked": {"const": True}, "name": _STR})),
+                404: error("No such agent."),
+            },
+            tags=("fleet",), params=(ID_OR_NAME,), security=AS_ADMIN,
+        ),
+        # --- tests --------------------------------------------------------------------------
+        Operation(
+            "post", "/api/v1/tests", "Submit a test", "submitTest",
+            {
+                202: Reply("Queued; it is dispatched to the agent at once.", TestInfo),
+                404: error("No such agent."),
+                409: error("`agent: any` and no idle online agent offers the benchmark."),
+            },
+            tags=("tests",), body=TestRequest, security=AS_ADMIN,
+            description="`agent` is a name, an id, or `any`. A named agent that does not "
+            "offer the benchmark is a 400.",
+        ),
+        Operation(
+            "get", "/api/v1/tests", "List tests, newest first", "listTests",
+            {
+                200: Reply("The tests.", obj({"tests": array_of(TestInfo)})),
+                400: error("`status` or `limit` is malformed."),
+            },
+            tags=("tests",),
+            params=(
+                query_param("status", {"enum": [*TEST_STATUSES, ""]},
+                            "Only tests in this state; empty: any."),
+                query_param("agent", {"type": "string"},
+                            "Only tests of this agent (id or name)."),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
+                                      "default": 50}, "At most this many."),
+            ),
+            security=AS_ADMIN,
+        ),
+        Operation(
+            "get", "/api/v1/tests/{test_id}", "Show a test (with its result)", "showTest",
+            {200: Reply("The test.", TestInfo), 404: error("No such test.")},
+            tags=("tests",), params=(TEST_ID,), security=AS_ADMIN,
+        ),
+        Operation(
+            "get", "/api/v1/tests/{test_id}/logs", "A test's log: SSE, or plain text",
+            "testLogs",
+            {
+                200: Reply(
+                    "`text/event-stream`: stored lines (`event: log`, `id: <seq>`), then live "
+                    "ones, then `event: end`; `: keepalive` comments meanwhile. "
+                    "`text/plain` with `?format=text`: the stored lines, then the reply ends.",
+                    bodies={EVENT_STREAM: TEST_LOG_EVENTS, TEXT: {"type": "string"}},
+                ),
+                400: error("`after` / `Last-Event-ID` is not a line number."),
+                404: error("No such test."),
+                503: error("Too many live log streams; retry shortly."),
+            },
+            tags=("tests",),
+            params=(
+                TEST_ID,
+                query_param("format", {"type": "string"},
+                            "`text` for a plain-text dump; any other value or none: SSE."),
+                query_param("after", SEQ, "Resume after this line number."),
+                header_param("Last-Event-ID", SEQ,
+                             "Resume after this line number (what EventSource sends)."),
+            ),
+            security=AS_ADMIN,
+        ),
+        Operation(
+            "post", "/api/v1/tests/{test_id}/cancel", "Cancel a test", "cancelTest",
+            {
+                202: Reply("Cancelled, or the agent is being told to stop it.", TestInfo),
+                404: error("No such test."),
+                409: error("The test has already ended."),
+            },
+            tags=("tests",), params=(TEST_ID,), security=AS_ADMIN,
+        ),
+        # --- tokens -------------------------------------------------------------------------
+        Operation(
+            "post", "/api/v1/tokens", "Create a bootstrap token", "createToken",
+            {201: Reply("The token (shown once) and its details.", TokenCreated)},
+            tags=("tokens",), body=TokenCreate, security=AS_ADMIN,
+        ),
+        Operation(
+            "get", "/api/v1/tokens", "List bootstrap tokens (never the secrets)", "listTokens",
+            {200: Reply("Every bootstrap token.", obj({"tokens": array_of(TokenInfo)}))},
+            tags=("tokens",), security=AS_ADMIN,
+        ),
+        Operation(
+            "delete", "/api/v1/tokens/{token_id}", "Revoke a bootstrap token", "revokeToken",
+            {200: Reply("Revoked.", TokenInfo), 404: error("No such token.")},
+            tags=("tokens",), params=(TOKEN_ID,), security=AS_ADMIN,
+        ),
+    ]  # fmt: skip
+
+
+def server_openapi() -> JsonSchema:
+    """The server's OpenAPI 3.1 document (served at ``GET /api/openapi.json``)."""
+    return build_document(
+        title="KITT server",
+        version=__version__,
+        description="The KITT control plane: agents enroll, register, heartbeat and report; "
+        "users manage agents, tests and bootstrap tokens. Every error is "
+        '`{"error": "message"}` with a 4xx status; bodies over 1 MiB are refused with 413.',
+        operations=operations(),
+        security_schemes=SECURITY_SCHEMES,
+        tags=TAGS,
+    )
