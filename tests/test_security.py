@@ -476,3 +476,25 @@ def test_unsafe_modes_are_refused_or_loud(kitt: Kitt) -> None:
     insecure = kitt.run("agent", "start", "--insecure", check=True)
     assert insecure.returncode == 0
     wait_for(lambda: "INSECURE" in (kitt.home / "agent.log").read_text(), what="insecure warning")
+
+
+def test_server_cert_rotation_is_served_without_restart(tls: Kitt) -> None:
+    before = x509.load_pem_x509_certificate(
+        ssl.get_server_certificate(("127.0.0.1", tls.server_port)).encode()
+    )
+    pid = tls.pid_of("server")
+    rotated = tls.run("server", "cert", "rotate", "--hostname", "kitt.lab.example", check=True)
+    assert "kitt.lab.example" in rotated.stdout and "no restart needed" in rotated.stdout
+
+    def served() -> x509.Certificate | None:
+        pem = ssl.get_server_certificate(("127.0.0.1", tls.server_port))
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        return cert if cert.serial_number != before.serial_number else None
+
+    new = wait_for(served, what="the rotated certificate served")
+    names = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "kitt.lab.example" in names.get_values_for_type(x509.DNSName)
+    assert tls.pid_of("server") == pid
+    # Agents keep heartbeating (they trust the CA, which did not change), and pushes work.
+    seen = tls.agent("gpu-01")["last_seen_at"]
+    wait_for(lambda: tls.agent("gpu-01")["last_seen_at"] != seen, what="heartbeat after rotation")

@@ -39,8 +39,8 @@ class TlsFiles:
     cert: Path | None = None
     key: Path | None = None
 
-    def client_context(self) -> ssl.SSLContext:
-        return pki.client_context(self.ca, self.cert, self.key)
+    def client_context(self, *, verify: bool = True) -> ssl.SSLContext:
+        return pki.client_context(self.ca, self.cert, self.key, verify=verify)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,13 @@ def build_client(
     # default SSL context costs ~20 ms: a dispatch push would pay it every time.
     verify: ssl.SSLContext | bool = False
     if base_url.startswith("https://"):
-        verify = False if insecure else ssl_context or (tls or TlsFiles()).client_context()
+        if insecure:
+            # Still present a client certificate: --insecure skips checking the server,
+            # it must not silently drop our side of mutual TLS.
+            has_cert = tls is not None and tls.cert is not None
+            verify = tls.client_context(verify=False) if tls and has_cert else False
+        else:
+            verify = ssl_context or (tls or TlsFiles()).client_context()
     return httpx.Client(
         base_url=base_url,
         headers=headers,
@@ -91,6 +97,7 @@ def error_message(response: httpx.Response) -> str:
     return str(body)[:200]
 
 
+HANDSHAKE_TIMEOUT_S = 5.0
 PLAIN_HTTP_ON_TLS = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s"
@@ -147,8 +154,13 @@ class _TlsConnection(HTTPConnection):
     def communicate(self) -> bool:
         sock = self.socket
         if isinstance(sock, ssl.SSLSocket) and not self._handshake_done:
+            idle_limit = sock.gettimeout()
             try:
+                # A client that connects and never finishes its handshake holds a worker:
+                # give it seconds, not the 30 s a request may take.
+                sock.settimeout(HANDSHAKE_TIMEOUT_S)
                 sock.do_handshake()
+                sock.settimeout(idle_limit)
             except ssl.SSLError as exc:
                 if "http request" in str(exc).lower():
                     _refuse_plain_http(sock)

@@ -53,7 +53,9 @@ def read_body() -> bytes:
 def parse_body(model: type[M]) -> M:
     """Validate the body against ``model`` (one parse, in pydantic) or raise a clear 400."""
     try:
-        return model.model_validate_json(read_body())
+        # Strict: JSON types are checked as sent (``true`` or ``"1"`` is not a number, ``1.0``
+        # is not an integer), so the OpenAPI document's promises are what is enforced.
+        return model.model_validate_json(read_body(), strict=True)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         if first["type"] == "json_invalid":

@@ -108,7 +108,16 @@ def agent_paths() -> AgentPaths:
 
 def ensure_dir(path: Path, mode: int = 0o755) -> Path:
     """Create ``path`` (and parents) or say exactly which folder cannot be written."""
+    missing = []
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            break
+        missing.append(parent)
     try:
+        # Each new folder gets ``mode`` (mkdir(parents=True) would give new parents, such as
+        # KITT_HOME itself, the umask's mode instead).
+        for folder in reversed(missing):
+            folder.mkdir(mode=mode, exist_ok=True)
         path.mkdir(parents=True, exist_ok=True, mode=mode)
     except OSError as exc:
         raise HomeNotWritableError(f"cannot create {path}: {exc.strerror or exc}") from exc

@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
 )
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -33,6 +35,15 @@ AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
 AgentName = Annotated[str, StringConstraints(pattern=AGENT_NAME_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+
+def _integral_float(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Requests are parsed strictly (``true`` or ``"1"`` is not a number), but JSON has one
+# number type: 8090.0 is the integer 8090, as JSON Schema (and the OpenAPI document) say.
+JsonInt = Annotated[int, BeforeValidator(_integral_float)]
 AgentRunState = Literal["idle", "running", "error"]
 
 
@@ -46,7 +57,7 @@ class Health(WireModel):
 
 
 class GpuStatic(WireModel):
-    index: int = Field(ge=0)
+    index: JsonInt = Field(ge=0)
     name: ShortText
     uuid: ShortText | None = None
     memory_total_gb: float | None = Field(default=None, ge=0)
@@ -64,14 +75,17 @@ class Hardware(WireModel):
     cuda_version: ShortText | None = None
     gpus: list[GpuStatic] = Field(default_factory=list, max_length=64)
 
+    # (not JsonInt: a validator on a union member loses "minimum" in the JSON schema)
+    _integral_cores = field_validator("cpu_cores", mode="before")(_integral_float)
+
 
 class RegisterRequest(WireModel):
     name: AgentName
     hostname: ShortText
-    port: int = Field(ge=1, le=65535)
+    port: JsonInt = Field(ge=1, le=65535)
     kitt_version: ShortText
     gpu_info: ShortText | None = None
-    gpu_count: int = Field(default=0, ge=0, le=64)
+    gpu_count: JsonInt = Field(default=0, ge=0, le=64)
     cpu_info: ShortText | None = None
     ram_gb: float | None = Field(default=None, ge=0)
     hardware: Hardware = Field(default_factory=Hardware)
@@ -85,7 +99,7 @@ class RegisterResponse(WireModel):
 
 
 class GpuSample(WireModel):
-    index: int = Field(ge=0)
+    index: JsonInt = Field(ge=0)
     name: ShortText | None = None
     utilization_pct: float | None = Field(default=None, ge=0, le=100)
     memory_used_gb: float | None = Field(default=None, ge=0)
@@ -215,7 +229,7 @@ class TokenCreate(WireModel):
     """``POST /api/v1/tokens``: a bootstrap token for enrolling agents."""
 
     ttl_s: float = Field(default=3600.0, gt=0, le=MAX_TOKEN_TTL_S)
-    uses: int = Field(default=1, ge=1, le=100_000)
+    uses: JsonInt = Field(default=1, ge=1, le=100_000)
     note: TokenNote | None = None
 
 
@@ -336,7 +350,7 @@ MAX_SEQ = 2**62  # fits a signed 64-bit column on every database
 
 
 class LogLineIn(WireModel):
-    seq: int = Field(ge=1, le=MAX_SEQ)
+    seq: JsonInt = Field(ge=1, le=MAX_SEQ)
     ts: Annotated[str, StringConstraints(max_length=40)]
     line: Annotated[str, StringConstraints(max_length=16384)]
 

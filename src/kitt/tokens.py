@@ -2,8 +2,10 @@
 
 Tokens are 256-bit random strings with a readable prefix (``kitt_adm_``, ``kitt_boot_``,
 ``kitt_agt_``) so that secret scanners and humans can tell what leaked. The server keeps
-only their SHA-256: a random 256-bit secret needs no slow hash, and a database dump then
-holds nothing that authenticates anyone.
+only their SHA-256: a random 256-bit secret needs no slow hash, and a database dump holds
+no credential for the server. It does hold each agent's push key (what the server shows
+an agent when it pushes a command): on HTTPS the agent also demands the server's
+certificate, so that matters only for agents on loopback or started with --insecure.
 """
 
 from __future__ import annotations

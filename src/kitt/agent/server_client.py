@@ -28,12 +28,10 @@ class ServerClient:
         # One context for the life of the client: a renewed certificate is loaded into
         # it (reload_cert), and new connections present it.
         self._ssl: ssl.SSLContext | None = None
-        if self.tls is not None and config.server_url.startswith("https://") and not insecure:
-            self._ssl = self.tls.client_context()
+        if self.tls is not None and config.server_url.startswith("https://"):
+            self._ssl = self.tls.client_context(verify=not insecure)
         self._api = ApiClient(
-            build_client(
-                config.server_url, token=config.token, ssl_context=self._ssl, insecure=insecure
-            )
+            build_client(config.server_url, token=config.token, ssl_context=self._ssl)
         )
 
     def set_token(self, token: str) -> None:

@@ -112,7 +112,9 @@ class SpoolSender(threading.Thread):
             try:
                 self._client.post_json(entry["path"].replace(AGENT_ID, agent_id), entry["body"])
             except ApiError as exc:
-                if exc.status >= 500:
+                # 401: this agent's token was revoked or the server forgot it; once the
+                # operator enrolls it again the reports are still wanted. Keep them.
+                if exc.status >= 500 or exc.status == 401:
                     return self._retry(item, exc)
                 log.warning(
                     "server rejected %s (%s); kept in %s", item.name, exc, self._spool.rejected

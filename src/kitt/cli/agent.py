@@ -19,6 +19,7 @@ from kitt.agent.config import (
     load_config,
     read_raw,
     update_config,
+    validate,
 )
 from kitt.agent.enrollment import enroll, ensure_ca, install_bundle
 from kitt.agent.enrollment import renew as renew_certificate
@@ -122,7 +123,13 @@ def init(
     current = read_raw(path) if path.exists() else {}
     agent_name = changes["name"] or current.get("name") or default_agent_name()
     changes["server_url"] = server_url
+    # Check the resulting config before enrolling: a refusal after enrollment would
+    # spend the bootstrap token and lose the agent token the server issued.
+    validate({**current, **{k: v for k, v in changes.items() if v is not None},
+              "name": agent_name, "token": "placeholder"}, path)  # fmt: skip
     if server_url.startswith("https://"):
+        if ca_file is None and ca_fingerprint is None and not paths.ca.exists():
+            ca_file = _local_server_ca(server_url)
         fingerprint = ensure_ca(paths, server_url, ca_file, ca_fingerprint)
         click.echo(f"trusting the fleet CA {paths.ca} (SHA-256 {fingerprint})")
         if token is None and _enrolled(current, server_url, agent_name, paths):
@@ -146,6 +153,12 @@ def init(
     cfg = update_config(path, changes)
     click.echo(f"wrote {path} (agent '{cfg.name}', server {cfg.server_url}, port {cfg.port})")
     click.echo("start the agent with: kitt-agent start")
+
+
+def _local_server_ca(server_url: str) -> Path | None:
+    """On the server's own host, its CA file is right here."""
+    target = resolve_target(server_url, None)
+    return target.ca if target.url == server_url and target.ca and target.ca.exists() else None
 
 
 def _tls_paths(paths: AgentPaths) -> dict[str, str]:

@@ -227,10 +227,13 @@ def _print_security(
         )
     if tls:
         certs = ServerCerts(paths.certs)
+        public = _local_url(paths)
         console.print(
             f"fleet CA {certs.ca}\n  SHA-256 fingerprint {certs.fingerprint()}\n"
-            f"enroll an agent: kitt-agent init --server {url} --ca-fingerprint "
-            f"{certs.fingerprint()} --token $(kitt server token create --quiet)",
+            "to enroll an agent: make a bootstrap token here (kitt server token create), "
+            "then on the GPU machine:\n"
+            f"  kitt-agent init --server {public} --ca-fingerprint {certs.fingerprint()} "
+            "--token BOOTSTRAP_TOKEN",
             highlight=False,
         )
 
@@ -338,7 +341,7 @@ def rotate(data_dir: Path | None, hostnames: tuple[str, ...], ips: tuple[str, ..
         f"(valid until {cert_obj.not_valid_after_utc:%Y-%m-%d})"
     )
     if pid_state(_paths(data_dir).pid).state == "running":
-        click.echo("restart the server to serve it: kitt server stop && kitt server start …")
+        click.echo("the running server switches to it within seconds (no restart needed)")
 
 
 @server.group(cls=KittGroup)
@@ -433,8 +436,10 @@ def issue_agent_cert(
 
 
 def _local_url(paths: ServerPaths) -> str:
+    """The URL other machines use for the server running here."""
     try:
-        return str(json.loads(paths.endpoint.read_text())["url"])
+        endpoint = json.loads(paths.endpoint.read_text())
+        return str(endpoint.get("public_url") or endpoint["url"])
     except (OSError, ValueError, KeyError):
         raise KittError(
             "the server is not running here: pass --server-url https://HOST:PORT"

@@ -8,7 +8,8 @@
 * A new agent presents a **bootstrap token** exactly once (enroll, or the first
   registration on a plain-HTTP server).
 
-Every check runs before the request body is parsed or anything is written.
+Every check runs before anything is written (registration parses its body first: the
+name in it is what the credential is checked against).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class Auth:
             raise ApiFailure(
                 401,
                 "agent token not accepted (revoked, or issued by another server): enroll "
-                "again with `kitt-agent init --token NEW_BOOTSTRAP_TOKEN`",
+                "again with `kitt-agent init --server URL --token NEW_BOOTSTRAP_TOKEN`, then "
+                "restart the agent",
             )
         self.require_agent_cert(identity.name)
         if agent_id is not None and identity.agent_id != agent_id:

@@ -69,6 +69,10 @@ class ServerCerts:
         names, addrs = san_request(hostnames, ips)
         reason = self._reissue_reason(names, addrs)
         if reason:
+            if self.cert.exists():  # keep the names agents already use
+                old_names, old_ips = sans(pki.load_cert(self.cert))
+                names = list(dict.fromkeys([*names, *old_names]))
+                addrs = list(dict.fromkeys([*addrs, *(str(ip) for ip in old_ips)]))
             self.issue_server_cert(names, addrs)
             done.append(f"issued the server certificate {self.cert} ({reason})")
         return done

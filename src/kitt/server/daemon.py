@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -93,10 +98,21 @@ class ServerDaemon:
             )
         )  # fmt: skip
         self._http.start()
-        self._reaper = Reaper(store, tests, settings, credentials=credentials)
+        on_tick = None
+        if certs is not None and push_context is not None:
+            pushes = push_context
+
+            def reload_push() -> None:
+                pushes.load_cert_chain(str(certs.cert), str(certs.key))
+
+            on_tick = CertFileWatcher(certs.cert, [self._http.reload_cert, reload_push]).check
+        self._reaper = Reaper(store, tests, settings, credentials=credentials, on_tick=on_tick)
         self._reaper.start()
         url = f"{self._http.scheme}://{_url_host(settings.host)}:{self._http.bound_port}"
         endpoint = {"url": url, "pid": os.getpid(), "version": __version__}
+        endpoint["public_url"] = (
+            f"{self._http.scheme}://{_public_host(settings)}:{self._http.bound_port}"
+        )
         if certs is not None:
             endpoint["ca"] = str(certs.ca)
         write_private(settings.paths.endpoint, json.dumps(endpoint))
@@ -112,8 +128,16 @@ class ServerDaemon:
 
     def _prepare_certs(self) -> ServerCerts:
         certs = ServerCerts(self.settings.paths.certs)
+        hostnames, ips = list(self.settings.hostnames), list(self.settings.ips)
+        host = self.settings.host.strip("[]")
+        if host not in ("0.0.0.0", "::", ""):  # the address it listens on is one agents use
+            try:
+                ipaddress.ip_address(host)
+                ips.append(host)
+            except ValueError:
+                hostnames.append(host)
         try:
-            for line in certs.ensure(self.settings.hostnames, self.settings.ips):
+            for line in certs.ensure(hostnames, ips):
                 log.info("%s", line)
             log.info("fleet CA %s, SHA-256 fingerprint %s", certs.ca, certs.fingerprint())
         except pki.PkiError as exc:
@@ -159,6 +183,15 @@ class ServerDaemon:
         log.info("server stopped")
 
 
+def _public_host(settings: ServerSettings) -> str:
+    """The address other machines should use: what the operator named, else the address it
+    listens on, else this host's name (all of them are in the server certificate)."""
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = (settings.hostnames or settings.ips or [socket.gethostname()])[0]
+    return f"[{host}]" if ":" in host else host
+
+
 def _url_host(host: str) -> str:
     """The address a local client should use to reach a server bound to ``host``."""
     if host in ("0.0.0.0", ""):
@@ -166,3 +199,31 @@ def _url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+class CertFileWatcher:
+    """Serve a rotated server certificate (`kitt server cert rotate`) without a restart."""
+
+    def __init__(self, path: Path, reloads: list[Callable[[], object]]) -> None:
+        self._path = path
+        self._reloads = reloads
+        self._mtime = self._stat()
+
+    def _stat(self) -> float:
+        try:
+            return self._path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def check(self) -> None:
+        mtime = self._stat()
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            for reload in self._reloads:
+                reload()
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot load the rotated server certificate %s: %s", self._path, exc)
+            return
+        log.info("serving the rotated server certificate %s", self._path)

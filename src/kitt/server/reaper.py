@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from kitt.server.lifecycle import IllegalTransitionError
@@ -34,12 +35,14 @@ class Reaper(threading.Thread):
         settings: ServerSettings,
         started: datetime | None = None,
         credentials: CredentialStore | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="reaper", daemon=True)
         self._store = store
         self._tests = tests
         self._settings = settings
         self._credentials = credentials
+        self._on_tick = on_tick
         self._stop_event = threading.Event()
         # Check often enough that "offline after 3 intervals" is late by at most half an
         # interval, but never spin faster than twice a second.
@@ -62,6 +65,8 @@ class Reaper(threading.Thread):
                 log.exception("reaper pass failed; retrying next period")
 
     def tick(self) -> None:
+        if self._on_tick is not None:
+            self._on_tick()
         now = datetime.now(timezone.utc)
         cutoff = now - timedelta(seconds=self._settings.offline_after_s)
         for name in self._store.mark_offline(cutoff) if cutoff >= self._counting_from else []:
