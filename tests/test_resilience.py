@@ -86,7 +86,7 @@ def test_wiped_database_with_auth_asks_for_enrollment_then_recovers(kitt: Kitt) 
         what="the agent reporting its token refused",
     )
     assert "agent token not accepted" in status["last_error"]
-    assert "kitt-agent init --token" in status["last_error"]
+    assert "kitt-agent init --server URL --token" in status["last_error"]
     assert kitt.agents() == []  # nothing was registered with the dead token
 
     kitt.run("agent", "stop", check=True)

@@ -396,26 +396,39 @@ def test_renewal_with_a_short_lifetime_and_forced_renew(kitt: Kitt) -> None:
              (kitt.home / "server" / "server.log").read_text(), what="expiry warning")  # fmt: skip
 
 
-def test_ca_pinning_and_missing_ca_are_clear(kitt: Kitt) -> None:
+def test_ca_pinning_and_missing_ca_are_clear(kitt: Kitt, tmp_path: Path) -> None:
     kitt.run("server", "start", "--port", str(kitt.server_port), "--tls", check=True)
+    # Another machine: its own KITT_HOME, which knows nothing of this server's files.
+    box = Kitt(home=tmp_path / "gpu-box", env={**kitt.env, "KITT_HOME": str(tmp_path / "gpu-box")})
     token = kitt.bootstrap_token()
-    missing = kitt.run("agent", "init", "--server", kitt.tls_url, "--token", token)
+    missing = box.run("agent", "init", "--server", kitt.tls_url, "--token", token)
     assert missing.returncode == 2 and "does not know the fleet CA" in missing.stderr
     assert "kitt server ca" in missing.stderr and "--ca-fingerprint" in missing.stderr
-    wrong = kitt.run("agent", "init", "--server", kitt.tls_url, "--token", token,
-                     "--ca-fingerprint", "AB" * 32)  # fmt: skip
+    wrong = box.run("agent", "init", "--server", kitt.tls_url, "--token", token,
+                    "--ca-fingerprint", "AB" * 32)  # fmt: skip
     assert wrong.returncode == 1 and "refusing to trust it" in wrong.stderr
-    assert (
-        not (kitt.home / "agent.yaml").exists()
-        and not (kitt.home / "certs" / "agent-key.pem").exists()
-    )
-    bad = kitt.run("agent", "init", "--server", kitt.tls_url, "--ca-fingerprint", "xyz")
+    assert not (box.home / "agent.yaml").exists()
+    assert not (box.home / "certs" / "agent-key.pem").exists()
+    bad = box.run("agent", "init", "--server", kitt.tls_url, "--ca-fingerprint", "xyz")
     assert bad.returncode == 1 and "not a SHA-256 fingerprint" in bad.stderr
     assert "Traceback" not in missing.stderr + wrong.stderr + bad.stderr
-    # The token was not spent by the failed attempts.
+    # The token was not spent by the failed attempts; any fingerprint spelling works.
     fingerprint = kitt.run("server", "ca", "--fingerprint", check=True).stdout.strip()
-    kitt.run("agent", "init", "--server", kitt.tls_url, "--token", token, "--name", "pinned",
-             "--ca-fingerprint", fingerprint.lower().replace(":", ""), check=True)  # fmt: skip
+    box.run("agent", "init", "--server", kitt.tls_url, "--token", token, "--name", "pinned",
+            "--ca-fingerprint", fingerprint.lower().replace(":", ""), check=True)  # fmt: skip
+    assert (box.home / "certs" / "ca.pem").read_bytes() == (
+        kitt.home / "server" / "certs" / "ca.pem"
+    ).read_bytes()
+    assert (box.home).stat().st_mode & 0o777 == 0o700
+    # On the server's own host, init finds the CA (and a token) by itself.
+    local = kitt.run("agent", "init", "--server", kitt.tls_url, "--name", "local", check=True)
+    assert "enrolled as 'local'" in local.stdout
+    # A bad name is refused before anything is enrolled.
+    other = Kitt(home=tmp_path / "box2", env={**kitt.env, "KITT_HOME": str(tmp_path / "box2")})
+    named = other.run("agent", "init", "--server", kitt.tls_url, "--token", kitt.bootstrap_token(),
+                      "--name", "bad name!", "--ca-fingerprint", fingerprint)  # fmt: skip
+    assert named.returncode == 2 and "name" in named.stderr and "Traceback" not in named.stderr
+    assert not (tmp_path / "box2" / "certs" / "agent.pem").exists()
 
 
 def test_offline_bundle_and_remote_login(kitt: Kitt, tmp_path: Path) -> None:
