@@ -49,6 +49,17 @@ class Sandbox:
     def server_pid(self) -> int:
         return int((self.home / "server" / "server.pid").read_text())
 
+    def admin_token(self) -> str:
+        return (self.home / "server" / "admin-token").read_text().strip()
+
+    def user_client(self) -> httpx.Client:
+        """An HTTP client for user endpoints: the admin token on every request."""
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.admin_token()}"},
+            timeout=30,
+        )
+
 
 @contextmanager
 def server_sandbox(*server_args: str) -> Iterator[Sandbox]:
@@ -65,6 +76,26 @@ def server_sandbox(*server_args: str) -> Iterator[Sandbox]:
             )  # fmt: skip
 
 
+def wait_heartbeat(box: Sandbox, agent: str, agent_port: int, timeout: float = 30.0) -> None:
+    """Wait until the server has stored a heartbeat from ``agent``: proof that it registered
+    with its bootstrap token and that its own token is accepted. If none comes, exit with
+    the agent's own account of why (its ``/api/status``, open on plain HTTP)."""
+    deadline = time.monotonic() + timeout
+    with box.user_client() as client:
+        while time.monotonic() < deadline:
+            r = client.get(f"/api/v1/agents/{agent}/heartbeats", params={"limit": 1})
+            if r.status_code == 200 and r.json()["heartbeats"]:
+                return
+            if r.status_code != 404:  # 404: not registered yet
+                r.raise_for_status()
+            time.sleep(0.1)
+    try:
+        detail = httpx.get(f"http://127.0.0.1:{agent_port}/api/status", timeout=5).text
+    except httpx.HTTPError as exc:
+        detail = f"agent status unavailable ({exc})"
+    raise SystemExit(f"agent {agent!r} sent no heartbeat within {timeout:.0f} s: {detail}")
+
+
 def gpus(n: int) -> list[dict[str, object]]:
     return [
         {"index": i, "name": "NVIDIA H100 80GB HBM3", "utilization_pct": 87.0,
@@ -73,25 +104,47 @@ def gpus(n: int) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def register_agents(url: str, count: int, gpu_count: int) -> list[str]:
-    ids = []
-    with httpx.Client(base_url=url, timeout=30) as client:
+def bootstrap_token(url: str, admin_token: str, uses: int) -> str:
+    """A bootstrap token good for ``uses`` registrations (``POST /api/v1/tokens``)."""
+    r = httpx.post(
+        f"{url}/api/v1/tokens",
+        json={"ttl_s": 3600, "uses": uses},
+        headers={"Authorization": f"Bearer {admin_token}"},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return str(r.json()["token"])
+
+
+def register_agents(box: Sandbox, count: int, gpu_count: int) -> list[tuple[str, str]]:
+    """Register ``count`` simulated agents with one bootstrap token: (agent_id, agent token)."""
+    if count < 1:
+        return []
+    boot = bootstrap_token(box.url, box.admin_token(), count)
+    agents = []
+    with httpx.Client(base_url=box.url, timeout=30) as client:
         for i in range(count):
             body = {
                 "name": f"sim-{i:05d}", "hostname": f"sim-{i:05d}", "port": 8090,
                 "kitt_version": "sim", "gpu_count": gpu_count,
                 "gpu_info": f"{gpu_count}x NVIDIA H100 80GB HBM3",
             }  # fmt: skip
-            r = client.post("/api/v1/agents/register", json=body)
+            r = client.post(
+                "/api/v1/agents/register", json=body, headers={"Authorization": f"Bearer {boot}"}
+            )
             r.raise_for_status()
-            ids.append(r.json()["agent_id"])
-    return ids
+            reply = r.json()
+            agents.append((reply["agent_id"], reply["token"]))
+    return agents
 
 
-def heartbeat_request(host_port: str, agent_id: str, body: bytes) -> bytes:
+def heartbeat_request(
+    host_port: str, agent_id: str, body: bytes, token: str | None = None
+) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     head = (
         f"POST /api/v1/agents/{agent_id}/heartbeat HTTP/1.1\r\n"
-        f"Host: {host_port}\r\nContent-Type: application/json\r\n"
+        f"Host: {host_port}\r\nContent-Type: application/json\r\n{auth}"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body

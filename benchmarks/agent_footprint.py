@@ -13,9 +13,10 @@ import argparse
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 import psutil
-from _harness import free_port, server_sandbox
+from _harness import free_port, server_sandbox, wait_heartbeat
 
 
 def main() -> None:
@@ -31,7 +32,9 @@ def main() -> None:
                  "--bind", "127.0.0.1")  # fmt: skip
         box.kitt("agent", "start")
         agent = psutil.Process(int((box.home / "agent.pid").read_text()))
-        time.sleep(5)  # settle: imports done, registered, first heartbeat sent
+        wait_heartbeat(box, "footprint", port)  # registered, and its token accepted
+        time.sleep(5)  # settle
+        since = datetime.now(timezone.utc)
         cpu0 = agent.cpu_times()
         t0 = time.monotonic()
         rss = []
@@ -43,11 +46,18 @@ def main() -> None:
         cpu_pct = 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / wall
         uss = agent.memory_full_info().uss
         threads = agent.num_threads()
+        with box.user_client() as client:
+            r = client.get(
+                "/api/v1/agents/footprint/heartbeats", params={"since": since.isoformat()}
+            )
+            r.raise_for_status()
+            beats = len(r.json()["heartbeats"])
         subprocess.run([sys.executable, "-m", "kitt", "agent", "stop"], env=box.env, check=False,
                        capture_output=True)  # fmt: skip
         print(f"agent idle over {wall:.0f} s (heartbeat every {args.interval} s): "
               f"RSS max {max(rss) / 2**20:.1f} MiB, last {rss[-1] / 2**20:.1f} MiB, USS {uss / 2**20:.1f} MiB, "
-              f"CPU {cpu_pct:.3f}% of one core, {threads} threads")  # fmt: skip
+              f"CPU {cpu_pct:.3f}% of one core, {threads} threads; "
+              f"{beats} heartbeats accepted by the server in the window")  # fmt: skip
 
 
 if __name__ == "__main__":

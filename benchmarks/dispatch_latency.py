@@ -17,9 +17,8 @@ import statistics
 import time
 from datetime import datetime
 
-import httpx
 import yaml
-from _harness import free_port, percentile, server_sandbox
+from _harness import free_port, percentile, server_sandbox, wait_heartbeat
 
 
 def main() -> None:
@@ -38,15 +37,18 @@ def main() -> None:
         data["benchmarks"] = {"noop": {"command": [true_bin], "timeout_s": 30}}
         cfg.write_text(yaml.safe_dump(data))
         box.kitt("agent", "start")
+        wait_heartbeat(box, "bench", port)
         to_dispatch, to_start = [], []
-        with httpx.Client(base_url=box.url, timeout=30) as client:
+        with box.user_client() as client:
             for _ in range(args.tests):
                 r = client.post("/api/v1/tests", json={"agent": "bench", "benchmark": "noop"})
                 r.raise_for_status()
                 test_id = r.json()["id"]
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
-                    t = client.get(f"/api/v1/tests/{test_id}").json()
+                    r = client.get(f"/api/v1/tests/{test_id}")
+                    r.raise_for_status()
+                    t = r.json()
                     if t["status"] in ("completed", "failed", "cancelled", "lost"):
                         break
                     time.sleep(0.01)

@@ -118,9 +118,12 @@ def main() -> None:
     args = ap.parse_args()
 
     with server_sandbox("--heartbeat-interval", "30") as box:
-        ids = register_agents(box.url, args.agents, args.gpus)
+        agents = register_agents(box, args.agents, args.gpus)
         body = heartbeat_body(args.gpus)
-        requests = [heartbeat_request(f"127.0.0.1:{box.port}", i, body) for i in ids]
+        requests = [
+            heartbeat_request(f"127.0.0.1:{box.port}", agent_id, body, token)
+            for agent_id, token in agents
+        ]
         server = psutil.Process(box.server_pid())
         print(f"server pid {server.pid}, {args.agents} agents registered, payload {len(body)} bytes "
               f"({args.gpus} GPUs), {psutil.cpu_count()} CPUs")  # fmt: skip

@@ -20,17 +20,20 @@ from pathlib import Path
 import httpx
 import httpx_sse
 import yaml
-from _harness import free_port, percentile, server_sandbox
+from _harness import Sandbox, free_port, percentile, server_sandbox, wait_heartbeat
 
 HERE = Path(__file__).parent
 
 
-def run_once(box, lines: int, rate: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def run_once(box: Sandbox, lines: int, rate: float) -> dict[str, float]:
     start = box.home.parent / f"start-{lines}-{rate}"
-    with httpx.Client(base_url=box.url, timeout=30) as client:
-        test = client.post("/api/v1/tests", json={
+    admin = {"Authorization": f"Bearer {box.admin_token()}"}
+    with box.user_client() as client:
+        r = client.post("/api/v1/tests", json={
             "agent": "pipe", "benchmark": "emit",
-            "params": {"LINES": lines, "RATE": rate, "START": str(start)}}).json()  # fmt: skip
+            "params": {"LINES": lines, "RATE": rate, "START": str(start)}})  # fmt: skip
+        r.raise_for_status()
+        test = r.json()
         seqs: list[int] = []
         latencies: list[float] = []
         first_emit = last_recv = 0.0
@@ -39,11 +42,12 @@ def run_once(box, lines: int, rate: float) -> dict[str, float]:  # type: ignore[
         def subscribe() -> None:
             nonlocal first_emit, last_recv
             with (
-                httpx.Client(timeout=httpx.Timeout(10, read=120)) as sub,
+                httpx.Client(timeout=httpx.Timeout(10, read=120), headers=admin) as sub,
                 httpx_sse.connect_sse(
                     sub, "GET", f"{box.url}/api/v1/tests/{test['id']}/logs"
                 ) as source,
             ):
+                source.response.raise_for_status()
                 attached.set()
                 for event in source.iter_sse():
                     if event.event == "end":
@@ -91,6 +95,7 @@ def main() -> None:
                                        "timeout_s": 600}}  # fmt: skip
         cfg.write_text(yaml.safe_dump(data))
         box.kitt("agent", "start")
+        wait_heartbeat(box, "pipe", port)
         for label, lines, rate in (
             ("max rate", args.lines, 0.0),
             (
