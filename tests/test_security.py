@@ -385,8 +385,11 @@ def test_renewal_with_a_short_lifetime_and_forced_renew(kitt: Kitt) -> None:
         first.serial_number,
         renewed.serial_number,
     )
-    expiry = kitt.agent("short")["cert_expires_at"]
-    assert expiry is not None
+    # The server recorded the certificate it issued last (what `agents list` shows).
+    expiry = dt.datetime.fromisoformat(
+        kitt.agent("short")["cert_expires_at"].replace("Z", "+00:00")
+    )
+    assert expiry == pki.load_cert(cert_path).not_valid_after_utc
     # The server names certificates that expire within 14 days in its log (checked at
     # start, then every minute).
     kitt.run("server", "stop", check=True)
@@ -455,8 +458,8 @@ def test_offline_bundle_and_remote_login(kitt: Kitt, tmp_path: Path) -> None:
         "login", kitt.tls_url, "--token", "kitt_adm_nope", "--ca-fingerprint", fingerprint
     )
     assert refused.returncode == 1 and "did not accept this admin token" in refused.stderr
-    no_token = remote.run("agents", "list", "--server", kitt.tls_url)
-    assert no_token.returncode == 1 and "certificate" in no_token.stderr.lower()
+    untrusted = remote.run("agents", "list", "--server", kitt.tls_url)  # no CA known yet
+    assert untrusted.returncode == 1 and "certificate" in untrusted.stderr.lower()
     remote.run("login", kitt.tls_url, "--token", kitt.admin_token, "--ca-fingerprint", fingerprint,
                check=True)  # fmt: skip
     assert (tmp_path / "laptop" / "login.json").stat().st_mode & 0o777 == 0o600
@@ -487,7 +490,7 @@ def test_unsafe_modes_are_refused_or_loud(kitt: Kitt) -> None:
     exposed = kitt.run("agent", "start")  # plain HTTP on 0.0.0.0
     assert exposed.returncode == 2 and "would serve plain HTTP on 0.0.0.0" in exposed.stderr
     insecure = kitt.run("agent", "start", "--insecure", check=True)
-    assert insecure.returncode == 0
+    assert "registered with" in insecure.stdout
     wait_for(lambda: "INSECURE" in (kitt.home / "agent.log").read_text(), what="insecure warning")
 
 

@@ -77,7 +77,7 @@ def resolve_target(server_flag: str | None, token_flag: str | None) -> Target:
     ca_env = os.environ.get("KITT_CA")
     ca = Path(ca_env) if ca_env else None
     local = _local_endpoint()
-    if local is not None and local["url"] == url:
+    if local is not None and url in (local["url"], local.get("public_url")):
         if token is None:
             token = read_admin_token(ServerPaths.default().admin_token)
         if ca is None and isinstance(local.get("ca"), str):

@@ -73,8 +73,7 @@ def build_client(
         if insecure:
             # Still present a client certificate: --insecure skips checking the server,
             # it must not silently drop our side of mutual TLS.
-            has_cert = tls is not None and tls.cert is not None
-            verify = tls.client_context(verify=False) if tls and has_cert else False
+            verify = tls.client_context(verify=False) if tls is not None and tls.cert else False
         else:
             verify = ssl_context or (tls or TlsFiles()).client_context()
     return httpx.Client(
@@ -195,6 +194,35 @@ def _refuse_plain_http(sock: ssl.SSLSocket) -> None:
                 break
     except OSError:
         pass
+
+
+class CertFileWatcher:
+    """Reload TLS contexts when a certificate file changes on disk, so that a rotated or
+    renewed certificate (`kitt server cert rotate`, `kitt-agent renew`, the agent's own
+    renewal) is served without a restart."""
+
+    def __init__(self, path: Path, reload: Callable[[], None]) -> None:
+        self._path = path
+        self._reload = reload
+        self._mtime = self._stat()
+
+    def _stat(self) -> float:
+        try:
+            return self._path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def check(self) -> None:
+        mtime = self._stat()
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            self._reload()
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot load the new certificate %s: %s", self._path, exc)
+            return
+        log.info("certificate %s changed on disk; now serving it", self._path)
 
 
 class WsgiServer:

@@ -14,6 +14,7 @@ from pathlib import Path
 from kitt.errors import HomeNotWritableError
 
 PRIVATE_FILE = 0o600
+PUBLIC_FILE = 0o644  # certificates: public by nature
 PRIVATE_DIR = 0o700
 
 

@@ -14,6 +14,7 @@ import datetime as dt
 import ipaddress
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,15 @@ def _validity(lifetime: dt.timedelta) -> tuple[dt.datetime, dt.datetime]:
     return now - min(MAX_BACKDATE, lifetime / 10), now + lifetime
 
 
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates; a leaf (EC key) signs handshakes and agrees keys."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=not ca, key_cert_sign=ca, crl_sign=ca,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+
+
 def create_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = new_key()
     name = _name(common_name, None)
@@ -137,20 +147,7 @@ def create_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePriva
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -170,8 +167,8 @@ class Issuer:
         common_name: str,
         role: str,
         lifetime: dt.timedelta,
-        dns_names: list[str],
-        ips: list[str] = (),  # type: ignore[assignment]
+        dns_names: Sequence[str],
+        ips: Sequence[str] = (),
     ) -> x509.Certificate:
         not_before, not_after = _validity(lifetime)
         not_after = min(not_after, self.cert.not_valid_after_utc)
@@ -186,20 +183,7 @@ class Issuer:
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -258,7 +242,12 @@ def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def renewal_due(cert: x509.Certificate, now: dt.datetime | None = None) -> dt.datetime:
+def cert_record(cert: x509.Certificate) -> tuple[str, dt.datetime]:
+    """What the server keeps of a certificate it issued: serial (hex) and expiry."""
+    return f"{cert.serial_number:x}", cert.not_valid_after_utc
+
+
+def renewal_due(cert: x509.Certificate) -> dt.datetime:
     """When a certificate should be renewed: two thirds into its lifetime."""
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     return start + (end - start) * 2 / 3

@@ -15,9 +15,7 @@ import httpx
 from kitt import pki
 from kitt.errors import KittError, ServerUnreachableError
 from kitt.http import build_client, error_message
-from kitt.paths import write_private
-
-PUBLIC_FILE = 0o644
+from kitt.paths import PUBLIC_FILE, write_private
 
 
 def fetch_pinned_ca(server_url: str, expected_fingerprint: str) -> bytes:

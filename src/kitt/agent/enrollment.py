@@ -15,9 +15,9 @@ from kitt import pki
 from kitt.apiclient import ApiClient
 from kitt.errors import ApiError, ConfigError, KittError
 from kitt.http import TlsFiles, build_client
-from kitt.paths import AgentPaths, write_private
+from kitt.paths import PUBLIC_FILE, AgentPaths, write_private
 from kitt.protocol import CertificateIssued, EnrollRequest, EnrollResponse, RenewRequest
-from kitt.trust import PUBLIC_FILE, fetch_pinned_ca, save_ca
+from kitt.trust import fetch_pinned_ca, save_ca
 
 BUNDLE_FILE = "bundle.json"
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 from kitt import pki
 from kitt.agent.enrollment import renew
 from kitt.errors import KittError
-from kitt.http import TlsFiles
+from kitt.http import CertFileWatcher, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,12 @@ class CertRenewer(threading.Thread):
         self._name = name
         self._tls = tls
         self._token = token
-        self._reload = reload
+        self._watcher = CertFileWatcher(tls.cert, reload)
         self._insecure = insecure
         self._stop_event = threading.Event()
-        self._mtime = self._cert_mtime()
 
     def stop(self) -> None:
         self._stop_event.set()
-
-    def _cert_mtime(self) -> float:
-        try:
-            return self._cert_path.stat().st_mtime
-        except OSError:
-            return 0.0
 
     def run(self) -> None:
         while True:
@@ -62,11 +55,7 @@ class CertRenewer(threading.Thread):
 
     def check(self) -> float:
         """Reload if the file changed, renew if due; return seconds until the next check."""
-        mtime = self._cert_mtime()
-        if mtime != self._mtime:
-            self._mtime = mtime
-            self._reload()
-            log.info("certificate %s changed on disk; now serving it", self._cert_path)
+        self._watcher.check()
         try:
             cert = pki.load_cert(self._cert_path)
         except pki.PkiError as exc:
@@ -90,7 +79,6 @@ class CertRenewer(threading.Thread):
                 left if left > timedelta(0) else "no time: it HAS EXPIRED",
             )  # fmt: skip
             return min(RETRY_S, period)
-        self._mtime = self._cert_mtime()
-        self._reload()
         log.info("certificate renewed, valid until %s", issued.not_after.isoformat())
+        self._watcher.check()  # serve it now
         return period

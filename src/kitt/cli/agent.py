@@ -157,8 +157,8 @@ def init(
 
 def _local_server_ca(server_url: str) -> Path | None:
     """On the server's own host, its CA file is right here."""
-    target = resolve_target(server_url, None)
-    return target.ca if target.url == server_url and target.ca and target.ca.exists() else None
+    ca = resolve_target(server_url, None).ca
+    return ca if ca is not None and ca.exists() else None
 
 
 def _tls_paths(paths: AgentPaths) -> dict[str, str]:
@@ -183,7 +183,7 @@ def _local_bootstrap_token(server_url: str, required: bool = True) -> str | None
     """With no --token, a server running under this same KITT_HOME can mint a single-use
     bootstrap token itself (its admin token is right here): the one-host quick start."""
     target = resolve_target(server_url, None)
-    if target.token is not None and target.url == server_url:
+    if target.token is not None:
         try:
             with FleetClient(target.url, token=target.token, ca=target.ca) as fleet:
                 created = fleet.create_token(

@@ -148,16 +148,21 @@ def show(name: str, server_url: str | None, history: int, as_json: bool) -> None
         console.print(table)
 
 
+def _confirmed(action: str, name: str, server_url: str | None, yes: bool) -> str:
+    """The server's URL, once the user agreed to ``action`` (or passed --yes)."""
+    url = resolve_server_url(server_url)
+    if not yes:
+        click.confirm(f"{action} agent {name!r} on {url}?", abort=True)
+    return url
+
+
 @agents.command()
 @click.argument("name", callback=lambda _c, _p, v: _name(v))
 @server_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def remove(name: str, server_url: str | None, yes: bool) -> None:
     """Forget an agent, its heartbeat history and its credential."""
-    url = resolve_server_url(server_url)
-    if not yes:
-        click.confirm(f"remove agent {name!r} from {url}?", abort=True)
-    with open_fleet(url) as fleet:
+    with open_fleet(_confirmed("remove", name, server_url, yes)) as fleet:
         body = fleet.remove(name)
     click.echo(
         f"removed agent {body['name']} (id {body['deleted']}); its credential is gone too: "
@@ -171,9 +176,6 @@ def remove(name: str, server_url: str | None, yes: bool) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def revoke(name: str, server_url: str | None, yes: bool) -> None:
     """Revoke an agent's token now: every call it makes is refused until it enrolls again."""
-    url = resolve_server_url(server_url)
-    if not yes:
-        click.confirm(f"revoke agent {name!r} on {url}?", abort=True)
-    with open_fleet(url) as fleet:
+    with open_fleet(_confirmed("revoke", name, server_url, yes)) as fleet:
         body = fleet.revoke(name)
     click.echo(f"revoked agent {body['name']}: its token no longer works")

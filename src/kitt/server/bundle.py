@@ -10,13 +10,11 @@ import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from cryptography import x509
-
 from kitt import pki
 from kitt.errors import KittError
-from kitt.paths import PRIVATE_DIR, ServerPaths, ensure_dir, write_private
+from kitt.paths import PRIVATE_DIR, PUBLIC_FILE, ServerPaths, ensure_dir, write_private
 from kitt.protocol import AGENT_NAME_RE
-from kitt.server.certs import PUBLIC_FILE, ServerCerts
+from kitt.server.certs import ServerCerts
 from kitt.server.store.credentials import CredentialError, CredentialStore
 from kitt.server.store.db import make_engine, migrate, sqlite_url
 
@@ -36,26 +34,21 @@ def write_bundle(
     if out.exists() and any(out.iterdir()):
         raise KittError(f"{out} is not empty: give a new folder for the bundle")
     ensure_dir(out, PRIVATE_DIR)
-    issuer = certs.issuer()
     key = pki.new_key()
-    issued: list[x509.Certificate] = []
-
-    def certify() -> tuple[str, datetime]:
-        cert = issuer.issue(key.public_key(), name, pki.AGENT_ROLE, lifetime, [name])
-        issued.append(cert)
-        return f"{cert.serial_number:x}", cert.not_valid_after_utc
-
+    cert = certs.issuer().issue(key.public_key(), name, pki.AGENT_ROLE, lifetime, [name])
     engine = make_engine(sqlite_url(paths.database))
     try:
         migrate(engine)
-        credential = CredentialStore(engine).issue(None, name, datetime.now(timezone.utc), certify)
+        credential = CredentialStore(engine).issue(
+            None, name, datetime.now(timezone.utc), pki.cert_record(cert)
+        )
     except CredentialError as exc:
         raise KittError(exc.message) from None
     finally:
         engine.dispose()
     files = {
         "ca.pem": (certs.ca.read_bytes(), PUBLIC_FILE),
-        "agent.pem": (pki.cert_pem(issued[0]), PUBLIC_FILE),
+        "agent.pem": (pki.cert_pem(cert), PUBLIC_FILE),
         "agent-key.pem": (pki.key_pem(key), 0o600),
         BUNDLE_FILE: (
             json.dumps(

@@ -17,11 +17,10 @@ from pathlib import Path
 from cryptography import x509
 
 from kitt import pki
-from kitt.paths import PRIVATE_DIR, ensure_dir, write_private
+from kitt.paths import PRIVATE_DIR, PUBLIC_FILE, ensure_dir, write_private
 
 log = logging.getLogger(__name__)
 
-PUBLIC_FILE = 0o644
 # Reissued at start when fewer days than this remain, so a server left running for a
 # year never greets its agents with an expired certificate after a restart.
 SERVER_CERT_RENEW_BEFORE = dt.timedelta(days=30)

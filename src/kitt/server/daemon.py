@@ -7,15 +7,12 @@ import json
 import logging
 import os
 import socket
-import ssl
-from collections.abc import Callable
-from pathlib import Path
 
 from sqlalchemy import Engine
 
 from kitt import __version__, pki
 from kitt.errors import KittError
-from kitt.http import ListenerTls, WsgiServer
+from kitt.http import CertFileWatcher, ListenerTls, WsgiServer
 from kitt.paths import ensure_dir, write_private
 from kitt.process import run_steps
 from kitt.server.admin_token import ensure_admin_token
@@ -100,12 +97,13 @@ class ServerDaemon:
         self._http.start()
         on_tick = None
         if certs is not None and push_context is not None:
-            pushes = push_context
+            pushes, http = push_context, self._http
 
-            def reload_push() -> None:
+            def reload() -> None:
+                http.reload_cert()
                 pushes.load_cert_chain(str(certs.cert), str(certs.key))
 
-            on_tick = CertFileWatcher(certs.cert, [self._http.reload_cert, reload_push]).check
+            on_tick = CertFileWatcher(certs.cert, reload).check
         self._reaper = Reaper(store, tests, settings, credentials=credentials, on_tick=on_tick)
         self._reaper.start()
         url = f"{self._http.scheme}://{_url_host(settings.host)}:{self._http.bound_port}"
@@ -199,31 +197,3 @@ def _url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
-
-
-class CertFileWatcher:
-    """Serve a rotated server certificate (`kitt server cert rotate`) without a restart."""
-
-    def __init__(self, path: Path, reloads: list[Callable[[], object]]) -> None:
-        self._path = path
-        self._reloads = reloads
-        self._mtime = self._stat()
-
-    def _stat(self) -> float:
-        try:
-            return self._path.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def check(self) -> None:
-        mtime = self._stat()
-        if mtime == self._mtime:
-            return
-        self._mtime = mtime
-        try:
-            for reload in self._reloads:
-                reload()
-        except (OSError, ssl.SSLError) as exc:
-            log.error("cannot load the rotated server certificate %s: %s", self._path, exc)
-            return
-        log.info("serving the rotated server certificate %s", self._path)

@@ -72,12 +72,13 @@ def _certs() -> ServerCerts:
     return certs
 
 
-def _sign(csr_pem: str, name: str) -> tuple[x509.Certificate, tuple[str, datetime]]:
+def _sign(csr_pem: str, name: str) -> x509.Certificate:
+    """Sign the CSR (after checking it) or answer 400. Nothing is recorded here: a
+    certificate only counts once its credential is stored, and is only handed out then."""
     try:
-        cert = _certs().issuer().sign_agent_csr(csr_pem, name, _settings().agent_cert_lifetime)
+        return _certs().issuer().sign_agent_csr(csr_pem, name, _settings().agent_cert_lifetime)
     except pki.PkiError as exc:
         raise ApiFailure(400, f"certificate request refused: {exc}") from None
-    return cert, (f"{cert.serial_number:x}", cert.not_valid_after_utc)
 
 
 @bp.post("/enroll")
@@ -88,23 +89,12 @@ def enroll() -> Any:
     if bootstrap is None:
         raise ApiFailure(401, "enrollment needs a bootstrap token (kitt server token create)")
     req = parse_body(EnrollRequest)
-    signed: list[x509.Certificate] = []
-
-    def certify() -> tuple[str, datetime]:
-        cert, record = _sign(req.csr_pem, req.name)
-        signed.append(cert)
-        return record
-
+    cert = _sign(req.csr_pem, req.name)  # a bad CSR is refused before the token is spent
     try:
-        pki.check_csr(req.csr_pem, req.name)
-    except pki.PkiError as exc:
-        raise ApiFailure(400, f"certificate request refused: {exc}") from None
-    try:
-        issued = _credentials().issue(bootstrap, req.name, _now(), certify)
+        issued = _credentials().issue(bootstrap, req.name, _now(), pki.cert_record(cert))
     except CredentialError as exc:
         raise ApiFailure(exc.status, exc.message) from None
     current_app.logger.info("agent %s enrolled (%s)", req.name, request.remote_addr)
-    cert = signed[0]
     return dump(
         EnrollResponse(
             name=req.name,
@@ -122,11 +112,13 @@ def renew() -> Any:
     """A fresh certificate for the calling agent, authenticated by its current one."""
     certs = _certs()
     identity = auth().require_agent()
+    if identity is None:
+        raise ApiFailure(400, "renewal needs an agent token; this server runs with --no-auth")
     req = parse_body(RenewRequest)
-    name = identity.name if identity is not None else ""
-    cert, (serial, not_after) = _sign(req.csr_pem, name)
-    _credentials().record_cert(name, serial, not_after)
-    current_app.logger.info("agent %s renewed its certificate (until %s)", name, not_after)
+    cert = _sign(req.csr_pem, identity.name)
+    serial, not_after = pki.cert_record(cert)
+    _credentials().record_cert(identity.name, serial, not_after)
+    current_app.logger.info("agent %s renewed its certificate (until %s)", identity.name, not_after)
     return dump(
         CertificateIssued(
             cert_pem=pki.cert_pem(cert).decode(), ca_pem=certs.ca.read_text(), not_after=not_after
@@ -165,7 +157,6 @@ def register() -> Any:
     req = parse_body(RegisterRequest)
     issued = _registration_identity(req.name)
     agent_id, created = _store().register(req, request.remote_addr, _now())
-    _credentials().forget_cached()  # the token now maps to an agent id
     current_app.logger.info(
         "agent %s %s (id %s, %s, %d GPU)",
         req.name,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
@@ -25,10 +24,11 @@ from kitt.tokens import AGENT_PREFIX, BOOTSTRAP_PREFIX, new_token, push_key, tok
 
 _CRED = cast(Table, AgentCredential.__table__)
 _BOOT = cast(Table, BootstrapToken.__table__)
-# How long a token → agent lookup is trusted without asking the database again. A
-# revocation made through this server applies at once (the cache is cleared); one made
-# by another server instance on the same database applies within this bound.
-IDENTITY_CACHE_S = 5.0
+# How long a token → agent lookup is trusted without asking the database again. It must
+# outlast the heartbeat interval (30 s by default), or every heartbeat pays a query. A
+# revocation made through this server applies at once (its entries are dropped); one
+# made by another server instance on the same database applies within this bound.
+IDENTITY_CACHE_S = 60.0
 
 
 class CredentialError(Exception):
@@ -147,13 +147,13 @@ class CredentialStore:
         bootstrap: str | None,
         name: str,
         now: datetime,
-        certify: Callable[[], tuple[str, datetime]] | None = None,
+        cert: tuple[str, datetime] | None = None,
     ) -> Issued:
         """Give ``name`` a fresh agent token, spending one use of ``bootstrap``.
 
         ``bootstrap=None`` is the server operator acting locally (``issue-agent-cert``).
-        ``certify`` signs the agent's certificate and returns (serial, not_after); it runs
-        inside the transaction, so a refused name never gets a certificate recorded.
+        ``cert`` is the (serial, not_after) of the certificate signed for it, recorded with
+        the token; the caller hands the certificate out only once this succeeded.
         A name whose credential is live is refused: taking over an enrolled agent's
         identity needs ``kitt agents revoke`` first.
         """
@@ -163,8 +163,8 @@ class CredentialStore:
             "push_key": push_key(token),
             "issued_at": now,
             "revoked_at": None,
-            "cert_serial": None,
-            "cert_not_after": None,
+            "cert_serial": cert[0] if cert else None,
+            "cert_not_after": cert[1] if cert else None,
         }
         try:
             with self.sessions.begin() as s:
@@ -179,8 +179,6 @@ class CredentialStore:
                     )
                 if bootstrap is not None:
                     self._consume(s, bootstrap, now)
-                if certify is not None:
-                    values["cert_serial"], values["cert_not_after"] = certify()
                 if existing is None:
                     s.add(AgentCredential(name=name, **values))
                 else:
@@ -193,8 +191,7 @@ class CredentialStore:
                         raise CredentialError(409, f"agent {name!r} was enrolled meanwhile")
         except IntegrityError:
             raise CredentialError(409, f"agent {name!r} was enrolled meanwhile") from None
-        self.forget_cached()
-        return Issued(name=name, token=token)
+        return Issued(name=name, token=token)  # a new token: nothing cached to drop
 
     def identify(self, token: str) -> Identity | None:
         """The live credential a token belongs to (cached briefly: the hot path)."""
@@ -221,9 +218,11 @@ class CredentialStore:
                 self._cache[digest] = (identity, now + IDENTITY_CACHE_S)
         return identity
 
-    def forget_cached(self) -> None:
+    def _forget(self, name: str) -> None:
+        """Drop the cached lookups of ``name``'s tokens (after a revoke or delete)."""
         with self._lock:
-            self._cache.clear()
+            for digest in [d for d, (ident, _) in self._cache.items() if ident.name == name]:
+                del self._cache[digest]
 
     def get(self, name: str) -> AgentCredential | None:
         with self.sessions() as s:
@@ -249,13 +248,13 @@ class CredentialStore:
                 .where(_CRED.c.name == name, _CRED.c.revoked_at.is_(None))
                 .values(revoked_at=now, token_hash=None, push_key=None)
             )
-        self.forget_cached()
+        self._forget(name)
         return bool(done.rowcount)  # type: ignore[attr-defined]
 
     def delete(self, name: str) -> None:
         with self.sessions.begin() as s:
             s.execute(delete(_CRED).where(_CRED.c.name == name))
-        self.forget_cached()
+        self._forget(name)
 
     def all(self) -> dict[str, AgentCredential]:
         with self.sessions() as s:
