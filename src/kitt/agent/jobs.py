@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -42,6 +43,33 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 10.0
 STOP_AFTER_HURRY_S = CANCEL_GRACE_S + 2
 RESULT_MAX_BYTES = 1024 * 1024 - 4096  # the result must fit the server's 1 MiB body limit
+
+
+SERVING = "serving"  # the built-in benchmark: ``kitt bench serve`` as the job's subprocess
+SERVING_TIMEOUT_S = 12 * 3600.0
+
+
+def serving_job(payload: RunTestPayload) -> tuple[RunTestPayload, CustomBenchmark]:
+    """The built-in serving benchmark: its parameters are checked now (a typo is a 400 at
+    submission, not a failed test later), and its command is fixed here, on the agent —
+    the server only ever names the benchmark, an engine and a model."""
+    from kitt.bench.params import ParamsError, load_params
+
+    params: dict[str, Any] = dict(payload.params)
+    if payload.engine is not None:
+        params["engine"] = payload.engine
+    if payload.model is not None:
+        params["model"] = payload.model
+    try:
+        load_params(params)
+    except ParamsError as exc:
+        raise CommandError(400, str(exc)) from None
+    command = [sys.executable, "-m", "kitt", "bench", "serve", "--params-file", "params.json",
+               "--output", "result.json", "--no-progress"]  # fmt: skip
+    bench = CustomBenchmark(command=command, timeout_s=SERVING_TIMEOUT_S,
+                            result_file=Path("result.json"),
+                            description="built-in LLM serving benchmark")  # fmt: skip
+    return payload.model_copy(update={"params": params}), bench
 
 
 class CommandError(KittError):
@@ -401,8 +429,10 @@ class JobManager:
                 400, "invalid run_test payload: " + describe_validation_error(exc)
             ) from None
         benchmark = self._config.benchmarks.get(payload.benchmark)
+        if benchmark is None and payload.benchmark == SERVING:
+            payload, benchmark = serving_job(payload)
         if benchmark is None:
-            offered = ", ".join(sorted(self._config.benchmarks)) or "none"
+            offered = ", ".join(sorted({*self._config.benchmarks, SERVING})) or "none"
             raise CommandError(
                 400, f"unknown benchmark {payload.benchmark!r} (this agent offers: {offered})"
             )

@@ -7,8 +7,10 @@ import click
 from kitt import __version__
 from kitt.cli.agent import agent
 from kitt.cli.agents import agents
+from kitt.cli.bench import bench
 from kitt.cli.common import KittGroup
 from kitt.cli.login import login, logout
+from kitt.cli.results import results_group
 from kitt.cli.server import server
 from kitt.cli.tests import test_group
 
@@ -23,6 +25,8 @@ cli.add_command(server)
 cli.add_command(agent)
 cli.add_command(agents)
 cli.add_command(test_group)
+cli.add_command(results_group)
+cli.add_command(bench)
 cli.add_command(login)
 cli.add_command(logout)
 

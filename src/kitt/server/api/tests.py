@@ -45,8 +45,23 @@ def info(test: TestRun) -> TestInfo:
     return TestInfo.model_validate(test, from_attributes=True)
 
 
-def _offers(agent: Agent, benchmark: str) -> bool:
-    return benchmark in agent.capabilities
+SERVING = "serving"  # the built-in benchmark (kitt bench serve on the agent)
+
+
+def _offers(agent: Agent, benchmark: str, engine: str | None = None) -> bool:
+    """The agent advertises the benchmark, and for the built-in ``serving`` benchmark the
+    engine it must start: agents list those as ``engine:<name>`` capabilities. (A custom
+    benchmark gets ``engine`` as a plain label, as before.)"""
+    if benchmark not in agent.capabilities:
+        return False
+    if engine is None or benchmark != SERVING:
+        return True
+    return f"engine:{engine}" in agent.capabilities
+
+
+def _engines(agent: Agent) -> str:
+    names = [c.removeprefix("engine:") for c in agent.capabilities if c.startswith("engine:")]
+    return ", ".join(names) or "none"
 
 
 def _pick_agent(req: TestRequest) -> Agent:
@@ -55,9 +70,15 @@ def _pick_agent(req: TestRequest) -> Agent:
         if agent is None:
             raise ApiFailure(404, f"no agent with id or name {req.agent!r}")
         if not _offers(agent, req.benchmark):
-            offered = ", ".join(agent.capabilities) or "none"
+            offered = ", ".join(c for c in agent.capabilities if ":" not in c) or "none"
             raise ApiFailure(
                 400, f"agent {agent.name} has no benchmark {req.benchmark!r} (it offers: {offered})"
+            )
+        if not _offers(agent, req.benchmark, req.engine):
+            raise ApiFailure(
+                400,
+                f"agent {agent.name} cannot start engine {req.engine!r} "
+                f"(engines found on it: {_engines(agent)})",
             )
         return agent
     gpu = (req.gpu or "").lower()
@@ -66,14 +87,17 @@ def _pick_agent(req: TestRequest) -> Agent:
         for a in _agents().list_agents()
         if a.online
         and a.status == "idle"
-        and _offers(a, req.benchmark)
+        and _offers(a, req.benchmark, req.engine)
         and gpu in (a.gpu_info or "").lower()
         and not _tests().has_active(a.id)
     ]
     if not candidates:
         gpu_note = f" with a GPU matching {req.gpu!r}" if req.gpu else ""
+        engine_note = f" with engine {req.engine!r}" if req.engine else ""
         raise ApiFailure(
-            409, f"no idle online agent{gpu_note} offers benchmark {req.benchmark!r}; try later"
+            409,
+            f"no idle online agent{gpu_note} offers benchmark {req.benchmark!r}{engine_note}; "
+            "try later",
         )
     # The agent given a test least recently (or never) spreads work across the fleet.
     last = _tests().last_assigned()

@@ -1,0 +1,209 @@
+"""One serving benchmark, end to end: engine (started or given), GPU sampler, the steps,
+the result document and its files.
+
+Shared by ``kitt bench serve`` and the agent's built-in ``serving`` benchmark (which runs
+``kitt bench serve --params-file …`` as its supervised subprocess), so a run through the
+fleet and a run on the command line are the same code and give the same numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from kitt.bench.client import StreamingClient, base_url
+from kitt.bench.datasets import FileDataset, LengthDist, Synthetic
+from kitt.bench.gpu import GpuSampler
+from kitt.bench.params import ServeParams
+from kitt.bench.records import RequestRecord
+from kitt.bench.result import document, hardware, now_iso, write
+from kitt.bench.runner import Progress, Runner, StepResult
+from kitt.errors import KittError
+
+# What engines are known to accept to force an exact output length, by the name their
+# /v1/models "owned_by" gives (used when benchmarking an endpoint KITT did not start).
+OWNED_BY_ENGINE = {"vllm": "vllm", "llamacpp": "llama.cpp", "sglang": "sglang",
+                   "library": "ollama", "ollama": "ollama"}  # fmt: skip
+
+
+class BenchError(KittError):
+    """The benchmark could not run (endpoint unreachable, no request succeeded, …)."""
+
+
+@dataclass
+class Target:
+    """Where requests go, and what the result should say about the engine."""
+
+    endpoint: str
+    model: str
+    engine: dict[str, Any]
+    ignore_eos: bool
+    min_tokens: bool
+
+
+@dataclass
+class Outcome:
+    document: dict[str, Any]
+    records: list[RequestRecord]
+    origin: float
+    files: dict[str, Path]
+
+
+def build_dataset(p: ServeParams) -> Synthetic | FileDataset:
+    out_len = LengthDist(p.output_len, p.output_len_std, p.output_len_min, p.output_len_max)
+    if p.dataset:
+        return FileDataset(Path(p.dataset), None if p.output_len_from_file else out_len, p.seed)
+    in_len = LengthDist(p.input_len, p.input_len_std, p.input_len_min, p.input_len_max)
+    return Synthetic(in_len, out_len, p.seed)
+
+
+async def _models(endpoint: str) -> list[dict[str, Any]]:
+    url = base_url(endpoint) + "/v1/models"
+    try:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url) as resp:
+            if resp.status != 200:
+                return []
+            data = await resp.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        raise BenchError(f"cannot reach the engine at {base_url(endpoint)}: {exc}") from None
+    items = data.get("data") if isinstance(data, dict) else None
+    return [m for m in items or [] if isinstance(m, dict)]
+
+
+def endpoint_target(p: ServeParams) -> Target:
+    """An engine someone else runs: ask it what it is (``/v1/models``)."""
+    assert p.endpoint is not None  # noqa: S101 - validated by ServeParams
+    models = asyncio.run(_models(p.endpoint))
+    owned = {str(m.get("owned_by", "")).lower() for m in models}
+    name = next((OWNED_BY_ENGINE[o] for o in owned if o in OWNED_BY_ENGINE), None)
+    ignore_eos = p.ignore_eos if p.ignore_eos is not None else name in ("vllm", "sglang",
+                                                                         "llama.cpp")  # fmt: skip
+    min_tokens = p.min_tokens if p.min_tokens is not None else name in ("vllm", "sglang")
+    engine = {"name": name, "version": None, "args": None, "managed": False,
+              "endpoint": base_url(p.endpoint),
+              "served_models": [m.get("id") for m in models][:20]}  # fmt: skip
+    return Target(base_url(p.endpoint), p.served_model or p.model, engine, ignore_eos, min_tokens)
+
+
+@contextlib.contextmanager
+def managed_target(p: ServeParams, on_line: Callable[[str], None]) -> Iterator[Target]:
+    """Start the named engine on a free local port, yield its target, always stop it."""
+    from kitt.bench import engines
+
+    specs = engines.load_engines(engines.agent_overrides())
+    assert p.engine is not None  # noqa: S101 - validated by ServeParams
+    spec = engines.get_engine(specs, p.engine)
+    model_path = engines.resolve_model(spec, p.model, engines.agent_models_dir())
+    with engines.EngineProcess(spec, model_path, on_line=on_line,
+                               startup_timeout_s=p.engine_timeout_s) as proc:  # fmt: skip
+        models = asyncio.run(_models(proc.url))
+        served = p.served_model or next((str(m["id"]) for m in models if m.get("id")), p.model)
+        info = proc.describe()
+        ignore_eos = p.ignore_eos if p.ignore_eos is not None else spec.ignore_eos
+        min_tokens = p.min_tokens if p.min_tokens is not None else spec.min_tokens
+        yield Target(proc.url, served, info, ignore_eos, min_tokens)
+
+
+def _sampler(interval_s: float) -> GpuSampler:
+    # perf_counter: the clock every request instant is stamped with, so step windows line
+    # up with GPU samples exactly.
+    return GpuSampler(interval_s, clock=time.perf_counter)
+
+
+def run(
+    p: ServeParams,
+    target: Target,
+    progress: Progress,
+    output: Path | None,
+    *,
+    api_key: str | None = None,
+    dataset: Synthetic | FileDataset | None = None,
+) -> Outcome:
+    """Run every step against ``target`` and write the result (when ``output`` is given)."""
+    started = now_iso()
+    dataset = dataset or build_dataset(p)
+    sampler = _sampler(p.telemetry_interval_s)
+    sampler.start()
+
+    def window_telemetry(step: StepResult) -> dict[str, Any] | None:
+        out: dict[str, Any] = sampler.summary(*step.window, step.metrics["output_tokens"])
+        return out
+
+    client = StreamingClient(
+        target.endpoint, target.model, p.api, ignore_eos=target.ignore_eos,
+        min_tokens=target.min_tokens, timeout_s=p.timeout_s,
+        max_connections=p.max_connections, api_key=api_key,
+    )  # fmt: skip
+
+    async def main() -> Any:
+        async with client:
+            return await Runner(p, client, dataset, progress, window_telemetry).run()
+
+    try:
+        outcome = asyncio.run(main())
+    except BaseException:
+        sampler.close()
+        raise
+    sampler.stop()
+    records = [r for s in outcome.steps for r in s.records]
+    if not any(r.ok for r in records):
+        first = next((r.error for r in records if r.error), "no request was sent")
+        raise BenchError(f"every request failed; the first error: {first}")
+    steps = [
+        {"name": s.step.name, "load": s.step.as_json(), "repeat_index": s.repeat_index,
+         "window": {"start_s": round(s.window[0] - outcome.origin, 6),
+                    "end_s": round(s.window[1] - outcome.origin, 6),
+                    "duration_s": round(s.window[1] - s.window[0], 6)},
+         "metrics": s.metrics}
+        for s in outcome.steps
+    ]  # fmt: skip
+    warnings = list(outcome.warnings)
+    for s in steps:
+        for w in s["metrics"]["token_check"]["warnings"]:
+            warnings.append(f"{s['name']}: {w}")
+        client_fid = s["metrics"]["client"]
+        if client_fid["degraded"]:
+            warnings.append(f"{s['name']}: client fidelity degraded: "
+                            + "; ".join(client_fid["reasons"]))  # fmt: skip
+    config = p.model_dump(mode="json")
+    config["endpoint"] = target.endpoint
+    config["served_model"] = target.model
+    config["mode"] = p.mode
+    config["data"] = dataset.describe()
+    config["slo"] = p.slo_targets().as_json()
+    config["ignore_eos"], config["min_tokens"] = target.ignore_eos, target.min_tokens
+    telemetry = sampler.info()
+    doc = document(
+        config=config, engine=target.engine, hardware_facts=hardware(), steps=steps,
+        telemetry=telemetry, warnings=warnings, started_at=started, finished_at=now_iso(),
+        calibration=outcome.calibration,
+    )  # fmt: skip
+    files: dict[str, Path] = {}
+    if output is not None:
+        series = None
+        if sampler.available:
+
+            def series(path: Path) -> int:
+                return sampler.write_series(path, t0=outcome.origin)
+
+        files = write(output, doc, records, outcome.origin, series)
+    sampler.close()
+    return Outcome(doc, records, outcome.origin, files)
+
+
+def api_key_from_env() -> str | None:
+    """Engines behind an API key (vLLM ``--api-key``): from the environment, never argv."""
+    return os.environ.get("KITT_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+
+
+def elapsed(t0: float) -> str:
+    return f"{time.monotonic() - t0:.1f} s"

@@ -1,0 +1,172 @@
+"""``kitt bench``: the serving benchmark on this machine, and the tools around it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+from rich.console import Console
+
+from kitt.bench.params import ServeParams, load_params
+from kitt.cli.common import Duration, KittGroup, console
+from kitt.errors import ConfigError
+
+
+@click.group("bench", cls=KittGroup)
+def bench() -> None:
+    """Benchmark an OpenAI-compatible inference engine from this machine."""
+
+
+def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (a cancelled test, systemd) unwinds like Ctrl-C: the engine we started is
+    stopped by its context manager on the way out."""
+    raise KeyboardInterrupt
+
+
+@bench.command("serve")
+@click.option("--endpoint", help="Base URL of a running engine, e.g. http://127.0.0.1:8000.")
+@click.option("--engine", help="Engine to start on a free local port (llama.cpp, vllm, …).")
+@click.option("--model", help="Model name (--endpoint) or path/tag (--engine).")
+@click.option("--served-model", help="Model name to put in requests (default: the engine's).")
+@click.option("--api", type=click.Choice(["completions", "chat"]), help="API (completions).")
+@click.option("--concurrency", help="Closed loop: comma-separated levels, e.g. 1,4,16.")
+@click.option("--rate", help="Open loop: requests/s, comma-separated levels, e.g. 2,5,10.")
+@click.option("--arrival", type=click.Choice(["poisson", "constant"]), help="Open-loop arrivals.")
+@click.option("--max-concurrency", type=int, help="Open loop: cap requests in flight.")
+@click.option("--sweep", is_flag=True, default=None,
+              help="sync → max throughput → interpolated rates.")  # fmt: skip
+@click.option("--sweep-steps", type=int, help="Interpolated rates in a sweep (5).")
+@click.option("--sweep-max-concurrency", type=int, help="Concurrency of the max step (64).")
+@click.option("--num-prompts", type=int, help="Measured requests per step (200).")
+@click.option("--duration", "duration_s", type=Duration(), help="Measure each step this long.")
+@click.option("--warmup", type=int, help="Warmup requests per step (default: one per slot).")
+@click.option("--warmup-s", "warmup_s", type=Duration(), help="Warmup seconds per step.")
+@click.option("--repeat", type=int, help="Run everything N times: mean, std, CV.")
+@click.option("--input-len", type=int, help="Prompt tokens (128).")
+@click.option("--input-len-std", type=float, help="Prompt tokens: std of a normal draw.")
+@click.option("--input-len-min", type=int)
+@click.option("--input-len-max", type=int)
+@click.option("--output-len", type=int, help="Output tokens, forced with max_tokens (128).")
+@click.option("--output-len-std", type=float)
+@click.option("--output-len-min", type=int)
+@click.option("--output-len-max", type=int)
+@click.option("--dataset", type=click.Path(dir_okay=False), help="JSONL or ShareGPT file.")
+@click.option("--output-len-from-file", is_flag=True, default=None,
+              help="Dataset: keep each entry's own output length.")  # fmt: skip
+@click.option("--seed", type=int, help="Seed for prompts and arrivals (0).")
+@click.option("--no-calibrate", "calibrate", flag_value=False, default=None,
+              help="Do not fit words to the engine's tokens.")  # fmt: skip
+@click.option("--slo", help="Goodput objectives, e.g. ttft_ms=500,tpot_ms=50,e2e_ms=10000.")
+@click.option("--ignore-eos/--no-ignore-eos", default=None,
+              help="Send ignore_eos (default: when the engine accepts it).")  # fmt: skip
+@click.option("--min-tokens/--no-min-tokens", default=None,
+              help="Send min_tokens=output length (default: when accepted).")  # fmt: skip
+@click.option("--timeout", "timeout_s", type=Duration(), help="Per-request timeout (600s).")
+@click.option("--max-connections", type=int, help="Connection pool limit (0 = unlimited).")
+@click.option("--telemetry-interval", "telemetry_interval_s", type=Duration(),
+              help="GPU sampling interval (1s; >= 100ms).")  # fmt: skip
+@click.option("--engine-timeout", "engine_timeout_s", type=Duration(),
+              help="Wait this long for a started engine to be healthy.")  # fmt: skip
+@click.option("--params-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Parameters as a JSON object (options given here win).")  # fmt: skip
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the result JSON here (+ .requests.jsonl beside it).")  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="Plain progress lines, no bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result document on stdout.")
+def serve(params_file: Path | None, output: Path | None, no_progress: bool, as_json: bool,
+          **options: Any) -> None:  # fmt: skip
+    """Drive an OpenAI-compatible engine with streaming load and measure TTFT, TPOT, ITL,
+    E2E latency, throughput and goodput (definitions: docs/metrics.md)."""
+    from kitt.bench import report
+
+    data: dict[str, Any] = {}
+    if params_file is not None:
+        data = _read_params_file(params_file)
+    data.update({k: v for k, v in options.items() if v is not None})
+    params = load_params(data)
+    out_console = Console(stderr=True, soft_wrap=True) if as_json else console
+    interactive = out_console.is_terminal and not no_progress
+    progress = report.BarProgress(out_console) if interactive else report.LineProgress(out_console)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        outcome = _run(params, progress, output, out_console)
+    except KeyboardInterrupt:
+        progress.close()
+        out_console.print("interrupted: the run was stopped (any engine it started is stopped)")
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    progress.close()
+    doc = outcome.document
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    out_console.print(report.summary_table(doc))
+    repeats = report.repeats_table(doc)
+    if repeats is not None:
+        out_console.print(repeats)
+    for warning in doc["warnings"]:
+        out_console.print(f"[yellow]warning:[/yellow] {serving_escape(warning)}")
+    if outcome.files:
+        names = ", ".join(str(p) for p in outcome.files.values())
+        out_console.print(f"written: {serving_escape(names)}")
+
+
+def serving_escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _run(params: ServeParams, progress: Any, output: Path | None, out: Console) -> Any:
+    from kitt.bench import serve as serving
+
+    key = serving.api_key_from_env()
+    dataset = serving.build_dataset(params)  # a bad file fails before any engine starts
+    if params.engine is None:
+        target = serving.endpoint_target(params)
+        return serving.run(params, target, progress, output, api_key=key, dataset=dataset)
+
+    def engine_line(line: str) -> None:
+        out.print(serving_escape(line), highlight=False)
+
+    out.print(
+        f"starting engine {serving_escape(params.engine)} with {serving_escape(params.model)}"
+    )
+    with serving.managed_target(params, engine_line) as target:
+        out.print(f"engine ready at {target.endpoint} (model {serving_escape(target.model)})")
+        return serving.run(params, target, progress, output, api_key=key, dataset=dataset)
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"params file {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"params file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {path}: expected a JSON object")
+    return data
+
+
+@bench.command("engines")
+def engines_cmd() -> None:
+    """List the engines this machine knows, and which it can start."""
+    from rich.table import Table
+
+    from kitt.bench import engines
+
+    specs = engines.load_engines(engines.agent_overrides())
+    present = set(engines.available_engines(specs))
+    table = Table()
+    for col in ("engine", "available", "binary", "health"):
+        table.add_column(col)
+    for name, spec in sorted(specs.items()):
+        table.add_row(name, "yes" if name in present else "no", str(spec.binary), spec.health_path)
+    console.print(table)

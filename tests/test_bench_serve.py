@@ -1,0 +1,241 @@
+"""``kitt bench serve`` as a user runs it, against the fixture engine (the simulator) as a
+separate process: the numbers it measures, its files, its load profiles, its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import free_port, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Sim:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/stats").json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def sim_factory(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> Sim:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kitt.bench.simulator", "--port", str(port), *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        procs.append(proc)
+        sim = Sim(proc, port)
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(sim.url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout=15, what="the simulator to listen")
+        return sim
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def bench(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KITT_HOME=str(tmp_path / "home"), COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kitt", "bench", "serve", "--no-progress", *args],
+        check=False, capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def test_closed_loop_measures_the_injected_timings(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "40", "--itl-ms", "8", "--empty-first-chunk")
+    out = tmp_path / "r" / "result.json"
+    bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--concurrency", "1,8",
+          "--num-prompts", "24", "--input-len", "32", "--output-len", "16", "-o", str(out))  # fmt: skip
+    doc = load(out)
+    assert doc["schema_version"] == 1 and doc["kind"] == "kitt.serving"
+    assert [s["name"] for s in doc["steps"]] == ["c=1", "c=8"]
+    truth = sim.stats()
+    for step in doc["steps"]:
+        m = step["metrics"]
+        assert m["requests"] == 24 and m["errors"] == 0
+        assert m["output_tokens"] == 24 * 16  # usage says exactly max_tokens
+        # The client's medians agree with what the simulator actually did (its own clock),
+        # and with what was injected (the empty first chunk is not the first token).
+        assert m["ttft_ms"]["p50"] == pytest.approx(40, abs=3)
+        assert m["itl_ms"]["p50"] == pytest.approx(8, abs=2)
+        assert m["tpot_ms"]["p50"] == pytest.approx(8, abs=2)
+        assert m["token_check"]["warnings"] == []
+        # Closed loop: the next request leaves within a millisecond of a slot freeing up.
+        assert m["client"]["schedule_lag_ms"]["p50"] < 1.0
+        assert 0 < m["client"]["cpu_fraction"] < 1.5
+    assert doc["steps"][0]["metrics"]["ttft_ms"]["p50"] == pytest.approx(
+        truth["ttft_ms"]["p50"], abs=2.0
+    )
+    # c=8 runs ~8 requests at a time: several times the throughput of c=1.
+    c1, c8 = (s["metrics"]["request_throughput"] for s in doc["steps"])
+    assert c8 > 4 * c1
+    # Calibration found the simulator's 1 token per word.
+    assert doc["calibration"]["tokens_per_word"] == pytest.approx(1.0)
+    assert doc["steps"][0]["metrics"]["input_tokens"] == 24 * 32
+    # Per-request records beside the result: warmup ones flagged, times consistent.
+    lines = [
+        json.loads(x) for x in (tmp_path / "r" / "result.requests.jsonl").read_text().splitlines()
+    ]
+    measured = [r for r in lines if not r["warmup"]]
+    assert len(measured) == 48 and len(lines) == 48 + 1 + 8
+    r = measured[0]
+    assert len(r["itl_ms"]) == 15 and r["output_tokens"] == 16 and r["usage"] is True
+    assert r["e2e_ms"] >= r["ttft_ms"] > 0
+    assert doc["files"]["requests"] == "result.requests.jsonl"
+    assert doc["telemetry"]["available"] is False and doc["telemetry"]["reason"]
+
+
+def test_chat_api_open_loop_and_goodput(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "20", "--itl-ms", "5")
+    out = tmp_path / "result.json"
+    proc = bench(tmp_path, "--endpoint", sim.url + "/v1", "--model", "sim", "--api", "chat",
+                 "--rate", "40", "--arrival", "constant", "--num-prompts", "40",
+                 "--output-len", "4", "--slo", "ttft_ms=15", "-o", str(out))  # fmt: skip
+    doc = load(out)
+    step = doc["steps"][0]
+    assert step["name"] == "rate=40" and step["load"]["mode"] == "rate"
+    m = step["metrics"]
+    assert m["requests"] == 40 and m["completed"] == 40
+    # Constant arrivals at 40/s for 40 requests: ~1 s of offered load (+ the last request).
+    assert m["request_throughput"] == pytest.approx(40, rel=0.15)
+    # TTFT ~20 ms misses a 15 ms objective: no request is good.
+    assert m["good_fraction"] == 0.0 and m["goodput"] == 0.0
+    assert "goodput" in proc.stdout
+
+
+def test_errors_are_counted_not_fatal(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "1", "--itl-ms", "1", "--error-rate", "0.3",
+                      "--midstream-error-rate", "0.2", "--seed", "7")  # fmt: skip
+    out = tmp_path / "result.json"
+    bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--concurrency", "4",
+          "--num-prompts", "200", "--output-len", "8", "-o", str(out))  # fmt: skip
+    m = load(out)["steps"][0]["metrics"]
+    assert m["requests"] == 200
+    assert 0.3 < m["error_rate"] < 0.6
+    assert m["completed"] + m["errors"] == 200
+    assert any(k.startswith("HTTP 500") for k in m["error_kinds"])
+    assert any("stream" in k for k in m["error_kinds"])
+    assert m["output_tokens"] == m["completed"] * 8
+
+
+def test_duration_warmup_and_repeat(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "2", "--itl-ms", "1")
+    out = tmp_path / "result.json"
+    proc = bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--concurrency", "2",
+                 "--duration", "1s", "--warmup-s", "0.3", "--repeat", "3",
+                 "--output-len", "8", "-o", str(out))  # fmt: skip
+    doc = load(out)
+    assert [(s["name"], s["repeat_index"]) for s in doc["steps"]] == [
+        ("c=2", 0),
+        ("c=2", 1),
+        ("c=2", 2),
+    ]
+    for step in doc["steps"]:
+        assert 0.9 < step["window"]["duration_s"] < 1.5
+    rep = doc["repeats"][0]
+    assert rep["name"] == "c=2" and rep["runs"] == 3
+    tput = rep["metrics"]["output_token_throughput"]
+    values = [s["metrics"]["output_token_throughput"] for s in doc["steps"]]
+    assert tput["mean"] == pytest.approx(sum(values) / 3, rel=1e-3)
+    assert tput["cv"] is not None and tput["cv"] < 0.5
+    assert "across repeats" in proc.stdout
+
+
+def test_sweep_probes_between_sync_and_max(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "10", "--itl-ms", "2")
+    out = tmp_path / "result.json"
+    bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--sweep", "--sweep-steps", "2",
+          "--sweep-max-concurrency", "8", "--num-prompts", "16", "--output-len", "4",
+          "-o", str(out))  # fmt: skip
+    doc = load(out)
+    names = [s["name"] for s in doc["steps"]]
+    assert names[:2] == ["sync", "throughput"] and len(names) == 4
+    low = doc["steps"][0]["metrics"]["request_throughput"]
+    high = doc["steps"][1]["metrics"]["request_throughput"]
+    rates = [s["load"]["rate"] for s in doc["steps"][2:]]
+    assert low < rates[0] < rates[1] < high
+
+
+def test_dataset_file(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "1", "--itl-ms", "1")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "one two three", "output_len": 3}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "a b c d e"}], "max_tokens": 5}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "result.json"
+    bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--dataset", str(data),
+          "--output-len-from-file", "--num-prompts", "4", "--warmup", "0", "-o", str(out))  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "result.requests.jsonl").read_text().splitlines()]
+    assert sorted(r["output_tokens"] for r in lines) == [3, 3, 5, 5]
+    assert sorted(r["input_tokens"] for r in lines) == [3, 3, 5, 5]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "m"], "either endpoint"),
+        (["--endpoint", "http://x", "--model", "m", "--rate", "1", "--sweep"], "one load mode"),
+        (["--endpoint", "http://x", "--model", "m", "--concurrency", "0"], "must be > 0"),
+        (["--endpoint", "http://x", "--model", "m", "--slo", "speed=1"], "key one of"),
+        (
+            ["--endpoint", "http://x", "--model", "m", "--telemetry-interval", "10ms"],
+            "telemetry_interval_s",
+        ),
+        (
+            ["--endpoint", "http://x", "--model", "m", "--dataset", "/nonexistent.jsonl"],
+            "does not exist",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = bench(tmp_path, *args, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_unreachable_endpoint(tmp_path: Path) -> None:
+    port = free_port()
+    proc = bench(tmp_path, "--endpoint", f"http://127.0.0.1:{port}", "--model", "m", check=False)
+    assert proc.returncode == 1
+    assert f"cannot reach the engine at http://127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_request_failing_is_an_error(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--error-rate", "1")
+    proc = bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--num-prompts", "3",
+                 "--no-calibrate", check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert "every request failed; the first error: HTTP 500" in proc.stderr
