@@ -253,3 +253,25 @@ def kitt(tmp_path: Path) -> Iterator[Kitt]:
     sandbox = Kitt(home=home, env=env, server_port=free_port(), agent_port=free_port())
     yield sandbox
     sandbox.cleanup()
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """The real llama-server (tests marked ``engine``): the cached build, else built here
+    when ``KITT_BUILD_ENGINE=1`` (CI sets it), else the test is skipped."""
+    from kitt.bench.llamacpp import cached_binary, ensure_llama_server
+
+    binary = cached_binary()
+    if binary.is_file() and os.access(binary, os.X_OK):
+        return binary
+    if os.environ.get("KITT_BUILD_ENGINE") == "1":
+        return ensure_llama_server(log=lambda line: print(f"[llama.cpp build] {line}"))
+    pytest.skip("llama-server not built: run `kitt bench prepare-demo` or set KITT_BUILD_ENGINE=1")
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The demo's tiny generated GGUF model (cached; written in well under a second)."""
+    from kitt.bench.tiny_model import ensure_demo_model
+
+    return ensure_demo_model()

@@ -20,6 +20,7 @@ from kitt.agent.server_client import ServerClient, tls_files
 from kitt.agent.spool import Spool, SpoolSender
 from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry
+from kitt.bench.engines import available_engines, load_engines
 from kitt.errors import ConfigError, KittError
 from kitt.http import ListenerTls, WsgiServer
 from kitt.paths import AgentPaths
@@ -79,14 +80,18 @@ class AgentDaemon:
             )  # fmt: skip
         # Listen first: a port clash must fail the start before anything talks to the server.
         self._http.start()
+        # Engines whose binary is installed here: what `serving` tests may ask this agent
+        # to start (advertised as engine:<name> capabilities).
+        engines = available_engines(load_engines(self.config.engines))
         log.info(
-            "kitt-agent %s '%s' listening on %s:%d, server %s, benchmarks: %s",
+            "kitt-agent %s '%s' listening on %s:%d, server %s, benchmarks: %s, engines: %s",
             __version__,
             self.config.name,
             self.config.bind,
             self._http.bound_port,
             self.config.server_url,
-            ", ".join(sorted(self.config.benchmarks)) or "none",
+            ", ".join(sorted({*self.config.benchmarks, "serving"})),
+            ", ".join(engines) or "none found",
         )
         self.jobs.recover()
         self._telemetry = GpuTelemetry()
@@ -98,7 +103,11 @@ class AgentDaemon:
             self.state,
             self._telemetry,
             registration(
-                self.config.name, self.config.port, self._telemetry, list(self.config.benchmarks)
+                self.config.name,
+                self.config.port,
+                self._telemetry,
+                list(self.config.benchmarks),
+                engines,
             ),
             backoff_max_s=self.config.backoff_max_s,
             on_commands=self._commands_from_heartbeat,

@@ -65,6 +65,8 @@ class StreamingClient:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
+        # Set when the engine turned out to drop idle connections (see ``send``).
+        self.fresh_connections = False
 
     async def __aenter__(self) -> StreamingClient:
         connector = aiohttp.TCPConnector(
@@ -106,26 +108,44 @@ class StreamingClient:
     async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
         """Send one request and fill ``rec``. Never raises for request-level failures:
         they are recorded in ``rec.error`` (a benchmark counts errors, it does not stop)."""
-        assert self._session is not None, "use the client as an async context manager"  # noqa: S101
         body = self.body(spec)
         rec.sent = time.perf_counter()
-        try:
-            async with self._session.post(self.url, data=body, headers=self.headers) as resp:
-                rec.http_status = resp.status
-                if resp.status != 200:
-                    text = await resp.content.read(ERROR_BODY_BYTES)
-                    rec.error = f"HTTP {resp.status}: {_error_message(text)}"
-                    rec.end = time.perf_counter()
-                    return
-                await self._read_stream(resp, rec)
-        except asyncio.TimeoutError:
-            rec.error = f"timed out after {self.timeout_s:g} s"
-        except aiohttp.ClientError as exc:
-            rec.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        except OSError as exc:
-            rec.error = f"connection error: {exc}"
+        for attempt in (0, 1):
+            try:
+                await self._post(body, rec)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == 0 and rec.http_status is None:
+                    # A pooled connection the server had already closed: some engines
+                    # (llama-server) close after every streamed response while announcing
+                    # keep-alive. Nothing reached the engine; from now on every request
+                    # gets its own connection, and this one is sent again.
+                    self._use_fresh_connections()
+                    continue
+                rec.error = _describe(exc)
+            except asyncio.TimeoutError:
+                rec.error = f"timed out after {self.timeout_s:g} s"
+            except aiohttp.ClientError as exc:
+                rec.error = _describe(exc)
+            except OSError as exc:
+                rec.error = f"connection error: {exc}"
+            break
         if rec.end is None:
             rec.end = time.perf_counter()
+
+    def _use_fresh_connections(self) -> None:
+        self.fresh_connections = True
+        self.headers["Connection"] = "close"
+
+    async def _post(self, body: bytes, rec: RequestRecord) -> None:
+        assert self._session is not None, "use the client as an async context manager"  # noqa: S101
+        async with self._session.post(self.url, data=body, headers=self.headers) as resp:
+            rec.http_status = resp.status
+            if resp.status != 200:
+                text = await resp.content.read(ERROR_BODY_BYTES)
+                rec.error = f"HTTP {resp.status}: {_error_message(text)}"
+                rec.end = time.perf_counter()
+                return
+            await self._read_stream(resp, rec)
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, rec: RequestRecord) -> None:
         chat = self.api == "chat"
@@ -179,6 +199,10 @@ class StreamingClient:
             rec.end = perf()
         if rec.error is None and not (done or finished):
             rec.error = "the stream ended before the response was complete"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _error_message(raw: bytes | dict[str, Any]) -> str:

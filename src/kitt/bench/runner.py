@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 from kitt.bench import profiles
 from kitt.bench.client import StreamingClient
-from kitt.bench.datasets import RequestSpec, Synthetic
+from kitt.bench.datasets import WORDS, RequestSpec, Synthetic
 from kitt.bench.metrics import Slo, distribution, step_metrics
 from kitt.bench.params import ServeParams
 from kitt.bench.profiles import Step
@@ -149,10 +150,14 @@ class Runner:
         """Fit the engine's prompt tokens to our word count (two 1-token requests), so that
         ``--input-len`` means the model's tokens. Without ``usage`` we keep 1 word/token."""
         ds = self.dataset
-        counts = (16, 16 + 64)
+        counts = (32, 32 + 256)
         measured = []
+        rng = random.Random("calibration")
         for words in counts:
-            spec = RequestSpec(prompt=" ".join(["the"] * words), output_len=1)
+            # The same vocabulary the prompts are drawn from: repeated words tokenize
+            # differently (merges) from a mix.
+            text = " ".join(rng.choice(WORDS) for _ in range(words))
+            spec = RequestSpec(prompt=text, output_len=1)
             rec = RequestRecord(step="calibration", index=0, scheduled=time.perf_counter())
             await self.client.send(spec, rec)
             if rec.error is not None or rec.usage_prompt_tokens is None:

@@ -99,10 +99,13 @@ def managed_target(p: ServeParams, on_line: Callable[[str], None]) -> Iterator[T
     """Start the named engine on a free local port, yield its target, always stop it."""
     from kitt.bench import engines
 
-    specs = engines.load_engines(engines.agent_overrides())
+    settings = engines.agent_settings()
+    specs = engines.load_engines(settings.overrides)
     assert p.engine is not None  # noqa: S101 - validated by ServeParams
     spec = engines.get_engine(specs, p.engine)
-    model_path = engines.resolve_model(spec, p.model, engines.agent_models_dir())
+    model_path = engines.resolve_model(
+        spec, p.model, settings.models_dir, allow_any_path=settings.allow_any_model_path
+    )
     with engines.EngineProcess(spec, model_path, on_line=on_line,
                                startup_timeout_s=p.engine_timeout_s) as proc:  # fmt: skip
         models = asyncio.run(_models(proc.url))
@@ -167,6 +170,11 @@ def run(
         for s in outcome.steps
     ]  # fmt: skip
     warnings = list(outcome.warnings)
+    if client.fresh_connections:
+        warnings.append(
+            "the engine closed idle keep-alive connections: the client switched to one "
+            "connection per request (each request pays a TCP connect, ~0.1 ms on loopback)"
+        )
     for s in steps:
         for w in s["metrics"]["token_check"]["warnings"]:
             warnings.append(f"{s['name']}: {w}")

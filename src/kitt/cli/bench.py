@@ -90,6 +90,8 @@ def serve(params_file: Path | None, output: Path | None, no_progress: bool, as_j
     data.update({k: v for k, v in options.items() if v is not None})
     params = load_params(data)
     out_console = Console(stderr=True, soft_wrap=True) if as_json else console
+    if not out_console.is_terminal:
+        out_console.width = max(out_console.width, 140)  # a log or a pipe: no squeezed table
     interactive = out_console.is_terminal and not no_progress
     progress = report.BarProgress(out_console) if interactive else report.LineProgress(out_console)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -170,3 +172,21 @@ def engines_cmd() -> None:
     for name, spec in sorted(specs.items()):
         table.add_row(name, "yes" if name in present else "no", str(spec.binary), spec.health_path)
     console.print(table)
+
+
+@bench.command("prepare-demo")
+def prepare_demo() -> None:
+    """Build llama.cpp's llama-server (once, cached) and write the demo's tiny model."""
+    from kitt.bench import llamacpp, tiny_model
+
+    def progress(line: str) -> None:
+        console.print(f"  {serving_escape(line)}", highlight=False)
+
+    binary = llamacpp.find_llama_server()
+    if binary is None:
+        console.print(f"building llama-server into {serving_escape(str(llamacpp.cache_dir()))} …")
+        binary = llamacpp.ensure_llama_server(log=progress)
+    console.print(f"llama-server: {serving_escape(str(binary))} "
+                  f"({serving_escape(llamacpp.llama_server_version(binary))})")  # fmt: skip
+    model = tiny_model.ensure_demo_model()
+    console.print(f"demo model: {serving_escape(str(model))}")

@@ -1,0 +1,1 @@
+"""`kitt bench`: the serving benchmark, its engines and its data."""
