@@ -72,7 +72,8 @@ def test_bench_serve_starts_the_engine_measures_and_stops_it(
         assert m["output_tokens"] == 12 * 16
         assert m["token_check"] == {"usage_reported": 12, "chunk_mismatch": 0,
                                     "short_outputs": 0, "warnings": []}  # fmt: skip
-        assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0
+        assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["count"] == 12
+        assert m["e2e_ms"]["p50"] >= m["ttft_ms"]["p50"]
     # Calibrated against the model's own tokenizer: prompts are ~32 tokens.
     assert 20 <= doc["steps"][0]["metrics"]["input_tokens"] / 12 <= 44
     assert engine_processes(llama_server_binary) == []

@@ -200,6 +200,9 @@ def test_params_validation_names_the_problem() -> None:
         load_params({"model": "m", "endpoint": "http://x", "concurrency": "1,zero"})
     with pytest.raises(ParamsError, match="unknown_knob"):
         load_params({"model": "m", "endpoint": "http://x", "unknown_knob": 1})
+    single = load_params({"model": "m", "endpoint": "http://x", "concurrency": 4, "rate": None})
+    assert single.concurrency_levels == [4]
+    assert load_params({"model": "m", "endpoint": "http://x", "rate": 2.5}).rate_levels == [2.5]
     p = load_params({"model": "m", "endpoint": "http://x", "concurrency": "1, 4,16"})
     assert p.concurrency_levels == [1, 4, 16] and p.mode == "concurrency"
     assert parse_slo("ttft_ms=500, tpot_ms=50") == Slo(ttft_ms=500, tpot_ms=50)

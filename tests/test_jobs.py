@@ -42,7 +42,7 @@ def job_dir(kitt: Kitt, test: dict[str, Any]) -> Path:
 
 def test_custom_benchmark_runs_and_its_result_is_stored(fleet: Kitt) -> None:
     agent = fleet.agent("gpu-01")
-    assert agent["capabilities"] == ["hold", "lines", "slow", "spew"]
+    assert agent["capabilities"] == ["hold", "lines", "serving", "slow", "spew"]
     result = fleet.run("test", "run", "--agent", "gpu-01", "--benchmark", "lines",
                        "--param", "lines=7", "--param", "label=h100 run", "--follow")  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -140,7 +140,9 @@ def test_submit_errors_are_clear(fleet: Kitt) -> None:
     r = post({"agent": "nobody", "benchmark": "lines"})
     assert r.status_code == 404 and "nobody" in r.json()["error"]
     r = post({"agent": "gpu-01", "benchmark": "nope"})
-    assert r.status_code == 400 and "it offers: hold, lines, slow, spew" in r.json()["error"]
+    assert (
+        r.status_code == 400 and "it offers: hold, lines, serving, slow, spew" in r.json()["error"]
+    )
     r = post({"agent": "any", "benchmark": "lines", "gpu": "B200"})
     assert r.status_code == 409 and "B200" in r.json()["error"]
     r = post({"agent": "gpu-01", "benchmark": "bad name!"})

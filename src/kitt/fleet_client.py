@@ -7,20 +7,25 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import httpx_sse
+from pydantic import ValidationError
 
 from kitt.apiclient import ApiClient
-from kitt.errors import ApiError, KittError
+from kitt.errors import ApiError, KittError, ServerError
 from kitt.http import TlsFiles, build_client, error_message
 from kitt.paths import ServerPaths, agent_paths, write_private
 from kitt.protocol import (
     AgentDetail,
     AgentSummary,
     HeartbeatRecord,
+    ResultDetail,
+    ResultImported,
+    ResultRow,
     TestInfo,
     TestRequest,
     TokenCreate,
@@ -226,3 +231,40 @@ class FleetClient:
 
     def revoke_token(self, token_id: str) -> TokenInfo:
         return self._api.call("DELETE", f"/api/v1/tokens/{token_id}", TokenInfo)
+
+    # --- results (kitt results …) ----------------------------------------------------------
+
+    def results(
+        self,
+        *,
+        agent: str | None = None,
+        model: str | None = None,
+        engine: str | None = None,
+        gpu: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[ResultRow]:
+        """Stored results, newest first: their indexed fields, no documents."""
+        filters: dict[str, Any] = {"agent": agent, "model": model, "engine": engine, "gpu": gpu,
+                                   "since": since.isoformat() if since else None,
+                                   "until": until.isoformat() if until else None,
+                                   "limit": limit, "offset": offset}  # fmt: skip
+        query = httpx.QueryParams({k: v for k, v in filters.items() if v is not None})
+        body: Any = self._api.json("GET", f"/api/v1/results?{query}")
+        return [ResultRow.model_validate(r) for r in body["results"]]
+
+    def result(self, result_id: str) -> ResultDetail:
+        return self._api.call("GET", f"/api/v1/results/{result_id}", ResultDetail)
+
+    def import_result(self, document: dict[str, Any]) -> ResultImported:
+        response = self._api.request("POST", "/api/v1/results", json_body=document)
+        try:
+            return ResultImported.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise ServerError(f"unexpected answer to the import: {exc.errors()[0]['msg']}") from exc
+
+    def delete_result(self, result_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = self._api.json("DELETE", f"/api/v1/results/{result_id}")
+        return body

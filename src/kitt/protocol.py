@@ -359,3 +359,135 @@ class LogBatch(WireModel):
     """``POST /api/v1/agents/<id>/tests/<test_id>/logs``: idempotent by ``seq``."""
 
     lines: list[LogLineIn] = Field(min_length=1, max_length=5000)
+
+
+# --- results: serving benchmark documents stored on the server (docs/design-bench.md) ----
+
+RESULT_SCHEMA_VERSION = 1
+SERVING_RESULT_KIND = "kitt.serving"
+ResultSource = Literal["fleet", "import"]
+# A metric: any finite JSON number, or null when the run could not measure it (e.g. TTFT
+# when every request failed). NaN and Infinity are not JSON and are refused earlier.
+Metric = float | None
+# Indexed columns of ``bench_results``, as named in the document's ``summary``.
+SUMMARY_METRICS: tuple[str, ...] = (
+    "best_output_token_throughput",
+    "request_throughput",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "tpot_ms_p50",
+    "tpot_ms_p99",
+    "itl_ms_p50",
+    "e2e_ms_p50",
+    "goodput",
+    "error_rate",
+)
+
+
+class ResultSummary(WireModel):
+    """The document's ``summary``: the step with the best output throughput."""
+
+    best_output_token_throughput: Metric = None
+    best_step: ShortText | None = None
+    request_throughput: Metric = None
+    ttft_ms_p50: Metric = None
+    ttft_ms_p99: Metric = None
+    tpot_ms_p50: Metric = None
+    tpot_ms_p99: Metric = None
+    itl_ms_p50: Metric = None
+    e2e_ms_p50: Metric = None
+    goodput: Metric = None
+    error_rate: Metric = None
+
+
+class ResultConfigRef(WireModel):
+    """The part of ``config`` the server indexes; the rest is kept, unread."""
+
+    model: ShortText | None = None
+
+
+class ResultEngineRef(WireModel):
+    name: ShortText | None = None
+    version: ShortText | None = None
+
+
+class ResultHardwareRef(WireModel):
+    hostname: ShortText | None = None
+    gpu_model: ShortText | None = None
+    gpu_count: int | None = Field(default=None, ge=0, le=100_000)
+    fingerprint: ShortText | None = None
+
+    # (not JsonInt: a validator on a union member loses "minimum" in the JSON schema)
+    _integral_count = field_validator("gpu_count", mode="before")(_integral_float)
+
+
+class ResultStep(WireModel):
+    """One measured step; only its name is required to index and compare by it."""
+
+    name: ShortText
+    load: dict[str, Any] | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResultDocument(WireModel):
+    """What ``POST /api/v1/results`` accepts: a ``kitt bench serve --output`` document.
+
+    Only what the server indexes or the CLI reads by position is checked; the document
+    is stored as sent, every other field included, so nothing nested is ever lost.
+    """
+
+    schema_version: Annotated[Literal[1], BeforeValidator(_integral_float)]
+    kind: Literal["kitt.serving"]
+    kitt_version: ShortText | None = None
+    started_at: ShortText | None = None
+    finished_at: ShortText | None = None
+    config: ResultConfigRef = Field(default_factory=ResultConfigRef)
+    engine: ResultEngineRef | None = None
+    hardware: ResultHardwareRef | None = None
+    steps: list[ResultStep] = Field(default_factory=list, max_length=10_000)
+    repeats: list[dict[str, Any]] | None = Field(default=None, max_length=10_000)
+    summary: ResultSummary
+    telemetry: dict[str, Any] | None = None
+    warnings: list[Annotated[str, StringConstraints(max_length=4096)]] | None = Field(
+        default=None, max_length=10_000
+    )
+
+
+class ResultRow(WireModel):
+    """One stored result as listed: the indexed fields, not the document."""
+
+    id: str
+    test_id: str | None
+    source: ResultSource
+    agent_name: str | None
+    model: str | None
+    engine: str | None
+    engine_version: str | None
+    gpu_model: str | None
+    gpu_count: int | None
+    hardware_fingerprint: str | None
+    created_at: datetime
+    best_step: str | None
+    best_output_token_throughput: Metric
+    request_throughput: Metric
+    ttft_ms_p50: Metric
+    ttft_ms_p99: Metric
+    tpot_ms_p50: Metric
+    tpot_ms_p99: Metric
+    itl_ms_p50: Metric
+    e2e_ms_p50: Metric
+    goodput: Metric
+    error_rate: Metric
+
+
+class ResultDetail(ResultRow):
+    """One stored result with its whole document, exactly as it was received."""
+
+    document: dict[str, Any]
+
+
+class ResultImported(WireModel):
+    """``POST /api/v1/results``: the id, and False when that very document was stored."""
+
+    id: str
+    created: bool

@@ -3,7 +3,9 @@
 Tests put this folder first on PYTHONPATH and describe the GPUs in a JSON file named by
 ``KITT_FAKE_NVML``; the file is re-read on every query so a test can change readings
 while the agent runs. ``{"fail_init": "..."}`` makes ``nvmlInit`` fail as on a GPU-less
-host. A GPU whose ``power_mw`` is null raises NotSupported for power, as some boards do.
+host. A GPU whose ``power_mw`` is null raises NotSupported for power, as some boards do;
+likewise ``energy_mj`` (the total-energy counter, Volta and later) and ``sm_clock_mhz``,
+which are also unsupported when absent.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from types import SimpleNamespace
 from typing import Any
 
 NVML_TEMPERATURE_GPU = 0
+NVML_CLOCK_GRAPHICS = 0
+NVML_CLOCK_SM = 1
+NVML_CLOCK_MEM = 2
 
 
 class NVMLError(Exception):
@@ -87,6 +92,22 @@ def nvmlDeviceGetPowerUsage(handle: int) -> int:
     if mw is None:
         raise NVMLError_NotSupported()
     return int(mw)
+
+
+def nvmlDeviceGetTotalEnergyConsumption(handle: int) -> int:
+    mj = _gpu(handle).get("energy_mj")
+    if mj is None:
+        raise NVMLError_NotSupported()
+    return int(mj)
+
+
+def nvmlDeviceGetClockInfo(handle: int, clock_type: int) -> int:
+    if clock_type != NVML_CLOCK_SM:
+        raise NVMLError_NotSupported()  # the stand-in only knows the SM clock
+    mhz = _gpu(handle).get("sm_clock_mhz")
+    if mhz is None:
+        raise NVMLError_NotSupported()
+    return int(mhz)
 
 
 def nvmlSystemGetDriverVersion() -> str:

@@ -8,10 +8,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kitt.bench.engines import EngineOverride, load_engines
 from kitt.errors import ConfigError, NotConfiguredError
 from kitt.paths import write_private
 from kitt.protocol import AgentName, BenchmarkName
 from kitt.urls import validate_server_url
+
+EngineName = BenchmarkName  # same rule: letters, digits, . _ - (e.g. "llama.cpp")
 
 DEFAULT_AGENT_PORT = 8090
 
@@ -55,13 +58,39 @@ class AgentConfig(BaseModel):
     backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
     log_buffer_lines: int = Field(default=10_000, ge=100, le=10_000_000)
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error)$")
-    engines: dict[str, Any] = Field(default_factory=dict)
+    # Engines: key-by-key overrides of the shipped definitions, or new engines (see
+    # kitt/bench/engines.yaml). Model names from tests resolve under models_dir; paths
+    # outside it are refused unless allow_any_model_path is set.
+    engines: dict[EngineName, EngineOverride] = Field(default_factory=dict)
+    models_dir: Path | None = None
+    allow_any_model_path: bool = False
     benchmarks: dict[BenchmarkName, CustomBenchmark] = Field(default_factory=dict)
 
     @field_validator("server_url")
     @classmethod
     def _url(cls, value: str) -> str:
         return validate_server_url(value)
+
+    @field_validator("engines")
+    @classmethod
+    def _engines(cls, value: dict[str, EngineOverride]) -> dict[str, EngineOverride]:
+        # Merged with the shipped definitions, each engine must be complete and valid:
+        # an agent that starts is an agent whose engines can start.
+        try:
+            load_engines(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
 
 
 def read_raw(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import socket
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -31,8 +32,23 @@ def gpu_summary(names: list[str]) -> str | None:
     return ", ".join(f"{n}x {name}" for name, n in Counter(names).items())
 
 
+BUILTIN_BENCHMARKS = ("serving",)
+ENGINE_CAPABILITY = "engine:"
+
+
+def capabilities(benchmarks: Iterable[str], engines: Iterable[str] = ()) -> list[str]:
+    """What the agent offers: benchmark names (its own and the built-in ones) and
+    ``engine:<name>`` for each engine it can start (its binary is installed)."""
+    names = {*benchmarks, *BUILTIN_BENCHMARKS}
+    return sorted(names) + sorted(ENGINE_CAPABILITY + e for e in set(engines))
+
+
 def registration(
-    name: str, port: int, telemetry: GpuTelemetry, benchmarks: list[str]
+    name: str,
+    port: int,
+    telemetry: GpuTelemetry,
+    benchmarks: list[str],
+    engines: Iterable[str] = (),
 ) -> RegisterRequest:
     gpus = telemetry.static()
     cpu = cpu_model()
@@ -58,7 +74,7 @@ def registration(
         cpu_info=f"{cpu} ({cores} threads)" if cpu else None,
         ram_gb=ram_gb,
         hardware=hardware,
-        capabilities=sorted(benchmarks),
+        capabilities=capabilities(benchmarks, engines),
     )
 
 

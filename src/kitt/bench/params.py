@@ -95,6 +95,14 @@ class ServeParams(BaseModel):
     telemetry_interval_s: float = Field(default=1.0, ge=0.1, le=60)
     engine_timeout_s: float | None = Field(default=None, gt=0, le=7200)
 
+    @field_validator("concurrency", "rate", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: Any) -> Any:
+        # `--param concurrency=4` arrives as the number 4; "1,4,16" as text.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
+
     @field_validator("concurrency")
     @classmethod
     def _concurrency(cls, value: str | None) -> str | None:

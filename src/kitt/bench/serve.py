@@ -108,8 +108,9 @@ def managed_target(p: ServeParams, on_line: Callable[[str], None]) -> Iterator[T
     )
     with engines.EngineProcess(spec, model_path, on_line=on_line,
                                startup_timeout_s=p.engine_timeout_s) as proc:  # fmt: skip
-        models = asyncio.run(_models(proc.url))
-        served = p.served_model or next((str(m["id"]) for m in models if m.get("id")), p.model)
+        # The name the engine was told to serve (--alias / --served-model-name); for Ollama,
+        # whose model list holds every pulled model, the tag asked for.
+        served = p.served_model or proc.model_name
         info = proc.describe()
         ignore_eos = p.ignore_eos if p.ignore_eos is not None else spec.ignore_eos
         min_tokens = p.min_tokens if p.min_tokens is not None else spec.min_tokens

@@ -190,3 +190,17 @@ def prepare_demo() -> None:
                   f"({serving_escape(llamacpp.llama_server_version(binary))})")  # fmt: skip
     model = tiny_model.ensure_demo_model()
     console.print(f"demo model: {serving_escape(str(model))}")
+
+
+@bench.command(
+    "simulate",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def simulate(ctx: click.Context) -> None:
+    """A fake OpenAI-compatible engine with injected TTFT and ITL, to check how faithfully
+    this machine measures (options: kitt bench simulate --help)."""
+    from kitt.bench.simulator import main as simulator_main
+
+    sys.exit(simulator_main(ctx.args))

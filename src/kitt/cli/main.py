@@ -9,6 +9,7 @@ from kitt.cli.agent import agent
 from kitt.cli.agents import agents
 from kitt.cli.bench import bench
 from kitt.cli.common import KittGroup
+from kitt.cli.demo import demo
 from kitt.cli.login import login, logout
 from kitt.cli.results import results_group
 from kitt.cli.server import server
@@ -27,6 +28,7 @@ cli.add_command(agents)
 cli.add_command(test_group)
 cli.add_command(results_group)
 cli.add_command(bench)
+cli.add_command(demo)
 cli.add_command(login)
 cli.add_command(logout)
 

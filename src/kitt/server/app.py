@@ -10,7 +10,7 @@ from kitt import __version__
 from kitt.jsonapi import ApiFailure, dump, install_json_errors
 from kitt.openapi import install_openapi
 from kitt.protocol import Health
-from kitt.server.api import agent_channel, fleet, tokens
+from kitt.server.api import agent_channel, fleet, results, tokens
 from kitt.server.api import tests as tests_api
 from kitt.server.api.openapi_spec import server_openapi
 from kitt.server.auth import Auth
@@ -20,6 +20,7 @@ from kitt.server.events import EventHub
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter
 from kitt.server.store.logs import LogStore
+from kitt.server.store.results import ResultStore
 from kitt.server.store.tests import TestStore
 from kitt.sse import StreamSlots
 
@@ -47,6 +48,7 @@ def create_app(
     app.extensions["kitt.events"] = events
     app.extensions["kitt.auth"] = auth
     app.extensions["kitt.certs"] = certs
+    app.extensions["kitt.results"] = ResultStore(tests.sessions)
     # Three quarters of the workers at most for log streams; the rest serve agents.
     app.extensions["kitt.streams"] = StreamSlots(max(1, settings.numthreads * 3 // 4))
 
@@ -65,5 +67,6 @@ def create_app(
     app.register_blueprint(agent_channel.bp)
     app.register_blueprint(fleet.bp)
     app.register_blueprint(tests_api.bp)
+    app.register_blueprint(results.bp)
     app.register_blueprint(tokens.bp)
     return app

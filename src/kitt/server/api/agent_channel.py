@@ -7,12 +7,14 @@ body or writes anything.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from cryptography import x509
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from kitt import pki
 from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
@@ -40,6 +42,7 @@ from kitt.server.store.credentials import CredentialError, CredentialStore, Issu
 from kitt.server.store.group_commit import WriterStoppedError
 from kitt.server.store.logs import LogStore
 from kitt.server.store.models import TestRun
+from kitt.server.store.results import InvalidResultError, fleet_row, stage
 from kitt.server.store.tests import TestStore
 
 bp = Blueprint("agent_channel", __name__, url_prefix="/api/v1/agents")
@@ -211,11 +214,13 @@ def _own_test(agent_id: str, test_id: str) -> TestRun:
     return test
 
 
-def _apply(test: TestRun, status: str, **fields: Any) -> tuple[TestRun, bool]:
+def _apply(
+    test: TestRun, status: str, within: Callable[[Session], None] | None = None, **fields: Any
+) -> tuple[TestRun, bool]:
     tests: TestStore = current_app.extensions["kitt.tests"]
     dispatcher: Dispatcher = current_app.extensions["kitt.dispatcher"]
     try:
-        updated, changed = tests.transition(test.id, status, **fields)
+        updated, changed = tests.transition(test.id, status, within=within, **fields)
     except IllegalTransitionError as exc:
         raise ApiFailure(409, str(exc)) from None
     if changed:
@@ -267,8 +272,22 @@ def result(agent_id: str) -> Any:
     updated, changed = _apply(
         test,
         report.status,
+        _result_index(test, report),
         result=report.result,
         error=report.error,
         finished_at=report.finished_at or datetime.now(timezone.utc),
     )
     return jsonify(ack=True, test_id=test.id, status=updated.status, changed=changed), 202
+
+
+def _result_index(test: TestRun, report: ResultReport) -> Callable[[Session], None] | None:
+    """What stores a completed serving result in ``bench_results``, in the transaction
+    that completes its test. A broken document stays on the test only, with a warning."""
+    if report.status != "completed":
+        return None
+    try:
+        row = fleet_row(test, report.result, datetime.now(timezone.utc))
+    except InvalidResultError as exc:
+        current_app.logger.warning("test %s: result not indexed: %s", test.id, exc)
+        return None
+    return None if row is None else lambda session: stage(session, row)

@@ -45,7 +45,11 @@ from kitt.protocol import (
     RegisterRequest,
     RegisterResponse,
     RenewRequest,
+    ResultDetail,
+    ResultDocument,
+    ResultImported,
     ResultReport,
+    ResultRow,
     TestInfo,
     TestRequest,
     TestStatusReport,
@@ -87,6 +91,7 @@ TAGS = {
     "fleet": "What users call about agents.",
     "tests": "What users call about tests.",
     "tokens": "Bootstrap tokens for enrolling agents.",
+    "results": "Serving benchmark results: stored whole, listed by their main fields.",
 }
 
 AGENT_ID = path_param("agent_id", "The agent's id, as returned by registration.")
@@ -95,6 +100,7 @@ ID_OR_NAME = path_param(
     "id_or_name", "An agent's id or its name (e.g. `gpu-01.lab`).", ID_OR_NAME_PATTERN
 )
 TOKEN_ID = path_param("token_id", "A bootstrap token's id (not the token itself).")
+RESULT_ID = path_param("result_id", "A result id (a test id, or `res_…` for an import).")
 TEST_STATUSES = ["queued", "dispatched", "running", "completed", "failed", "cancelled", "lost"]
 SEQ: JsonSchema = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
 
@@ -340,6 +346,7 @@ def operations() -> list[Operation]:
             },
             tags=("tests",), params=(TEST_ID,), security=AS_ADMIN,
         ),
+        *result_operations(),
         # --- tokens -------------------------------------------------------------------------
         Operation(
             "post", "/api/v1/tokens", "Create a bootstrap token", "createToken",
@@ -355,6 +362,76 @@ def operations() -> list[Operation]:
             "delete", "/api/v1/tokens/{token_id}", "Revoke a bootstrap token", "revokeToken",
             {200: Reply("Revoked.", TokenInfo), 404: error("No such token.")},
             tags=("tokens",), params=(TOKEN_ID,), security=AS_ADMIN,
+        ),
+    ]  # fmt: skip
+
+
+# --- results --------------------------------------------------------------------------------
+
+_TIME_OR_EMPTY: JsonSchema = {"anyOf": [{"type": "string", "format": "date-time"}, {"const": ""}]}
+
+
+def result_operations() -> list[Operation]:
+    """The results endpoints (api/results.py)."""
+    text_filter = "exact match; empty: any."
+    return [
+        Operation(
+            "get", "/api/v1/results", "List results, newest first (no documents)",
+            "listResults",
+            {
+                200: Reply("The results' indexed fields.",
+                           obj({"results": array_of(ResultRow)})),
+                400: error("`since`, `until`, `limit` or `offset` is malformed."),
+            },
+            tags=("results",),
+            params=(
+                query_param("agent", {"type": "string"}, f"Agent name ({text_filter})"),
+                query_param("model", {"type": "string"}, f"Model ({text_filter})"),
+                query_param("engine", {"type": "string"}, f"Engine name ({text_filter})"),
+                query_param("gpu", {"type": "string"},
+                            "Part of the GPU model, any case (e.g. `h100`); empty: any."),
+                query_param("since", _TIME_OR_EMPTY,
+                            "Only results that ran at or after this time (ISO 8601, with "
+                            "a zone); empty: no limit."),
+                query_param("until", _TIME_OR_EMPTY,
+                            "Only results that ran at or before this time; empty: no limit."),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
+                                      "default": 50}, "At most this many."),
+                query_param("offset", {"type": "integer", "minimum": 0,
+                                       "maximum": 1_000_000_000, "default": 0},
+                            "Skip this many (paging)."),
+            ),
+            security=AS_ADMIN,
+        ),
+        Operation(
+            "get", "/api/v1/results/{result_id}", "Show a result with its whole document",
+            "showResult",
+            {200: Reply("The result.", ResultDetail), 404: error("No such result.")},
+            tags=("results",), params=(RESULT_ID,), security=AS_ADMIN,
+        ),
+        Operation(
+            "post", "/api/v1/results", "Import a result document", "importResult",
+            {
+                201: Reply("Stored; its id is derived from the document's content.",
+                           ResultImported),
+                200: Reply("That very document is already stored: its id, `created` false.",
+                           ResultImported),
+                400: error("Not JSON, or not a serving result of a supported "
+                           "`schema_version`, or a field of the wrong type."),
+            },
+            tags=("results",), body=ResultDocument, security=AS_ADMIN,
+            description="The body is what `kitt bench serve --output FILE` writes; it is "
+            "stored as sent, every field kept. Only `schema_version`, `kind` and `summary` "
+            "are required.",
+        ),
+        Operation(
+            "delete", "/api/v1/results/{result_id}", "Delete a result", "deleteResult",
+            {
+                200: Reply("Deleted (a fleet result's test keeps its copy).",
+                           obj({"deleted": _STR})),
+                404: error("No such result."),
+            },
+            tags=("results",), params=(RESULT_ID,), security=AS_ADMIN,
         ),
     ]  # fmt: skip
 

@@ -182,3 +182,39 @@ class BootstrapToken(Base):
     uses: Mapped[int] = mapped_column(Integer, default=0)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     note: Mapped[str | None] = mapped_column(String(128))
+
+
+class BenchResult(Base):
+    """A serving benchmark result: the whole document, plus the fields lists filter and
+    sort by, copied out of it into indexed columns.
+
+    ``id`` is the test id for a result an agent reported, and a hash of the document for
+    an imported one (importing the same document again finds the same row).
+    """
+
+    __tablename__ = "bench_results"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    test_id: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))
+    agent_name: Mapped[str | None] = mapped_column(String(256), index=True)
+    model: Mapped[str | None] = mapped_column(String(256), index=True)
+    engine: Mapped[str | None] = mapped_column(String(256), index=True)
+    engine_version: Mapped[str | None] = mapped_column(String(256))
+    gpu_model: Mapped[str | None] = mapped_column(String(256), index=True)
+    gpu_count: Mapped[int | None] = mapped_column(Integer)
+    hardware_fingerprint: Mapped[str | None] = mapped_column(String(256))
+    # When the benchmark ran (the document's ``started_at``), else when it was stored.
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    best_step: Mapped[str | None] = mapped_column(String(256))
+    best_output_token_throughput: Mapped[float | None] = mapped_column(Float)
+    request_throughput: Mapped[float | None] = mapped_column(Float)
+    ttft_ms_p50: Mapped[float | None] = mapped_column(Float)
+    ttft_ms_p99: Mapped[float | None] = mapped_column(Float)
+    tpot_ms_p50: Mapped[float | None] = mapped_column(Float)
+    tpot_ms_p99: Mapped[float | None] = mapped_column(Float)
+    itl_ms_p50: Mapped[float | None] = mapped_column(Float)
+    e2e_ms_p50: Mapped[float | None] = mapped_column(Float)
+    goodput: Mapped[float | None] = mapped_column(Float)
+    error_rate: Mapped[float | None] = mapped_column(Float)
+    document: Mapped[dict[str, Any]] = mapped_column(JsonText)

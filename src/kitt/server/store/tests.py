@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from kitt.server.lifecycle import IllegalTransitionError, check
 from kitt.server.store.models import TestRun
@@ -57,9 +57,17 @@ class TestStore:
         with self.sessions() as s:
             return list(s.scalars(query))
 
-    def transition(self, test_id: str, wanted: str, **fields: Any) -> tuple[TestRun, bool]:
+    def transition(
+        self,
+        test_id: str,
+        wanted: str,
+        *,
+        within: Callable[[Session], None] | None = None,
+        **fields: Any,
+    ) -> tuple[TestRun, bool]:
         """Move a test to ``wanted`` (checked), setting ``fields`` only when it changes.
-        Returns the test and whether anything changed."""
+        Returns the test and whether anything changed. ``within`` writes more in the same
+        transaction, only when the test changes (a result's index row, once)."""
 
         def decide(current: TestRun) -> dict[str, Any] | None:
             if not check(test_id, current.status, wanted):
@@ -73,7 +81,7 @@ class TestStore:
                 )
             return values
 
-        return self._change(test_id, wanted, decide)
+        return self._change(test_id, wanted, decide, within)
 
     def request_cancel(self, test_id: str, now: datetime) -> TestRun:
         """Cancel a queued test outright; flag an active one for its agent to stop."""
@@ -94,6 +102,7 @@ class TestStore:
         test_id: str,
         wanted: str,
         decide: Callable[[TestRun], dict[str, Any] | None],
+        within: Callable[[Session], None] | None = None,
     ) -> tuple[TestRun, bool]:
         """Read, ``decide`` what to write (None: nothing), write it as a compare-and-set on
         the status that was read (``UPDATE … WHERE status = <seen>``), retry if it moved.
@@ -114,6 +123,8 @@ class TestStore:
                     .where(TestRun.id == test_id, TestRun.status == current.status)
                     .values(values)
                 )
+                if result.rowcount and within is not None:  # type: ignore[attr-defined]
+                    within(s)
             if result.rowcount:  # type: ignore[attr-defined]
                 self._on_change(test_id)
                 updated = self.get(test_id)
