@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import FAKE_NVML_DIR, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,8 +56,16 @@ def sim_factory(tmp_path: Path) -> Iterator[Any]:
         proc.wait(10)
 
 
-def bench(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, KITT_HOME=str(tmp_path / "home"), COLUMNS="200")
+def bench(
+    tmp_path: Path, *args: str, check: bool = True, fake_nvml: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KITT_")}
+    # The NVML stand-in: a GPU-less host unless ``fake_nvml`` describes GPUs, so the test
+    # means the same on a GPU machine.
+    env.update(KITT_HOME=str(tmp_path / "home"), COLUMNS="200",
+               PYTHONPATH=os.pathsep.join([str(FAKE_NVML_DIR), str(REPO / "src")]))  # fmt: skip
+    if fake_nvml is not None:
+        env["KITT_FAKE_NVML"] = str(fake_nvml)
     proc = subprocess.run(
         [sys.executable, "-m", "kitt", "bench", "serve", "--no-progress", *args],
         check=False, capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
@@ -239,3 +247,39 @@ def test_every_request_failing_is_an_error(tmp_path: Path, sim_factory: Any) -> 
                  "--no-calibrate", check=False)  # fmt: skip
     assert proc.returncode == 1
     assert "every request failed; the first error: HTTP 500" in proc.stderr
+
+
+def test_gpu_telemetry_is_aligned_to_each_step(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "5", "--itl-ms", "5")
+    gpus = tmp_path / "gpus.json"
+    gpus.write_text(json.dumps({"gpus": [
+        {"name": "NVIDIA H100 80GB HBM3", "util": 80, "mem_used": 40 * 2**30,
+         "mem_total": 80 * 2**30, "temp": 61, "power_mw": 300000,
+         "energy_mj": "from_power", "sm_clock_mhz": 1980},
+        {"name": "NVIDIA H100 80GB HBM3", "util": 20, "mem_used": 2**30,
+         "mem_total": 80 * 2**30, "temp": 40, "power_mw": 100000,
+         "energy_mj": "from_power", "sm_clock_mhz": 1410},
+    ]}))  # fmt: skip
+    out = tmp_path / "result.json"
+    bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--concurrency", "1,4",
+          "--duration", "1.5s", "--output-len", "16", "--telemetry-interval", "100ms",
+          "-o", str(out), fake_nvml=gpus)  # fmt: skip
+    doc = load(out)
+    assert doc["telemetry"]["available"] is True and doc["telemetry"]["interval_s"] == 0.1
+    assert doc["hardware"]["gpu_count"] == 2 and "H100" in doc["hardware"]["gpu_model"]
+    for step in doc["steps"]:
+        t = step["metrics"]["telemetry"]
+        duration = step["window"]["duration_s"]
+        assert t["samples"] >= 10  # ~1.5 s at 100 ms
+        g0, g1 = t["gpus"]
+        assert g0["utilization_pct"] == {"mean": 80.0, "max": 80.0}
+        assert g1["sm_clock_mhz"]["max"] == 1410.0
+        # 300 W + 100 W over the step's own window (counter delta, not the whole run).
+        assert g0["energy_method"] == "counter"
+        assert t["energy_j"] == pytest.approx(400 * duration, rel=0.05)
+        tokens = step["metrics"]["output_tokens"]
+        assert t["energy_per_output_token_j"] == pytest.approx(t["energy_j"] / tokens, rel=1e-3)
+    series = (tmp_path / "result.telemetry.jsonl").read_text().splitlines()
+    assert len(series) >= 2 * 30 and doc["files"]["telemetry"] == "result.telemetry.jsonl"
+    assert "J/tok" in bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--num-prompts",
+                            "3", "--output-len", "4", fake_nvml=gpus).stdout  # fmt: skip

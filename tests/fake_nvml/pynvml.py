@@ -5,13 +5,15 @@ Tests put this folder first on PYTHONPATH and describe the GPUs in a JSON file n
 while the agent runs. ``{"fail_init": "..."}`` makes ``nvmlInit`` fail as on a GPU-less
 host. A GPU whose ``power_mw`` is null raises NotSupported for power, as some boards do;
 likewise ``energy_mj`` (the total-energy counter, Volta and later) and ``sm_clock_mhz``,
-which are also unsupported when absent.
+which are also unsupported when absent. ``"energy_mj": "from_power"`` makes the counter
+rise at ``power_mw``, as a real board's does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -95,9 +97,14 @@ def nvmlDeviceGetPowerUsage(handle: int) -> int:
 
 
 def nvmlDeviceGetTotalEnergyConsumption(handle: int) -> int:
-    mj = _gpu(handle).get("energy_mj")
+    gpu = _gpu(handle)
+    mj = gpu.get("energy_mj")
     if mj is None:
         raise NVMLError_NotSupported()
+    if mj == "from_power":
+        # A counter that rises at the board's power draw, like the real one: mW x s = mJ
+        # (wall clock, so every process reading it agrees).
+        return int(int(gpu["power_mw"]) * time.time())
     return int(mj)
 
 
