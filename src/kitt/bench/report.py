@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -30,6 +31,18 @@ def _fmt(value: Any, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+def _num(value: Any) -> str:
+    """Compact: 3 significant-ish digits, so the table fits an 80-column terminal."""
+    if value is None:
+        return "-"
+    v = float(value)
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
 
 
 def step_line(name: str, m: dict[str, Any]) -> str:
@@ -119,39 +132,50 @@ class BarProgress(LineProgress):
         self._bar.stop()
 
 
-def summary_table(doc: dict[str, Any]) -> Table:
-    """One row per step: load, throughput, latency percentiles, goodput, errors."""
+def summary_table(doc: dict[str, Any], width: int = 200) -> Table:
+    """One row per step: load, throughput, latency percentiles, goodput, errors. On a
+    narrow terminal the secondary columns go (the result file has everything)."""
     has_slo = any(s["metrics"].get("goodput") is not None for s in doc["steps"])
     has_energy = any(
         (s["metrics"].get("telemetry") or {}).get("energy_per_output_token_j") is not None
         for s in doc["steps"]
     )
-    table = Table(title=f"{escape(str(doc['config'].get('model')))} · "
-                  f"{escape(str(doc['engine'].get('name') or 'endpoint'))}")  # fmt: skip
-    cols = ["step", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-            "ITL p50", "E2E p50", "tok/s/user", "errors"]  # fmt: skip
+    table = Table(
+        title=f"{escape(str(doc['config'].get('model')))} · "
+        f"{escape(str(doc['engine'].get('name') or 'endpoint'))}",
+        box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+    )  # fmt: skip
+    cols = ["step", "req/s", "out\ntok/s", "TTFT\np50", "TTFT\np99", "TPOT\np50",
+            "TPOT\np99", "ITL\np50", "E2E\np50", "tok/s\n/user", "errors"]  # fmt: skip
     if has_slo:
         cols.insert(-1, "goodput")
     if has_energy:
         cols.insert(-1, "J/tok")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "step" else "right")
+    drop: set[str] = set()
+    if width < 110:
+        drop |= {"TPOT\np99", "tok/s\n/user"}
+    if width < 90:
+        drop |= {"E2E\np50", "ITL\np50"}
+    keep = [i for i, col in enumerate(cols) if col not in drop]
+    for i in keep:
+        col = cols[i]
+        table.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
     for s in doc["steps"]:
         m = s["metrics"]
         name = s["name"] if not s["repeat_index"] else f"{s['name']} #{s['repeat_index'] + 1}"
         if (m.get("client") or {}).get("degraded"):
             name += " ⚠"
-        row = [escape(name), _fmt(m["request_throughput"], 2), _fmt(m["output_token_throughput"]),
-               _fmt(m["ttft_ms"]["p50"]), _fmt(m["ttft_ms"]["p99"]), _fmt(m["tpot_ms"]["p50"], 2),
-               _fmt(m["tpot_ms"]["p99"], 2), _fmt(m["itl_ms"]["p50"], 2), _fmt(m["e2e_ms"]["p50"]),
-               _fmt(m["output_tps_per_user"]["p50"])]  # fmt: skip
+        row = [escape(name), _num(m["request_throughput"]), _num(m["output_token_throughput"]),
+               _num(m["ttft_ms"]["p50"]), _num(m["ttft_ms"]["p99"]), _num(m["tpot_ms"]["p50"]),
+               _num(m["tpot_ms"]["p99"]), _num(m["itl_ms"]["p50"]), _num(m["e2e_ms"]["p50"]),
+               _num(m["output_tps_per_user"]["p50"])]  # fmt: skip
         if has_slo:
             frac = m.get("good_fraction")
-            row.append(f"{_fmt(m['goodput'], 2)} ({frac:.0%})" if frac is not None else "-")
+            row.append(f"{_num(m['goodput'])} ({frac:.0%})" if frac is not None else "-")
         if has_energy:
-            row.append(_fmt((m.get("telemetry") or {}).get("energy_per_output_token_j"), 3))
+            row.append(_num((m.get("telemetry") or {}).get("energy_per_output_token_j")))
         row.append(str(m["errors"]) if not m["errors"] else f"[red]{m['errors']}[/red]")
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in keep))
     table.caption = "latencies in ms (TTFT/TPOT/ITL/E2E); ⚠ = client fidelity degraded"
     return table
 

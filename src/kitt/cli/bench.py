@@ -108,7 +108,7 @@ def serve(params_file: Path | None, output: Path | None, no_progress: bool, as_j
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    out_console.print(report.summary_table(doc))
+    out_console.print(report.summary_table(doc, out_console.width))
     repeats = report.repeats_table(doc)
     if repeats is not None:
         out_console.print(repeats)

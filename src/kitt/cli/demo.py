@@ -217,7 +217,7 @@ def _run(
                 f"(its log: kitt test logs {test.id}, with KITT_HOME={home})"
             )
         doc = test.result
-        console.print(report.summary_table(doc))
+        console.print(report.summary_table(doc, console.width))
         for warning in doc.get("warnings", []):
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         if output is not None:

@@ -138,7 +138,7 @@ def _print_outcome(test: TestInfo) -> None:
     if test.result is not None and test.result.get("kind") == "kitt.serving":
         from kitt.bench.report import summary_table
 
-        console.print(summary_table(test.result))
+        console.print(summary_table(test.result, console.width))
         console.print(f"full result: kitt results show {test.id}")
     elif test.result is not None:
         console.print_json(json.dumps(test.result))
