@@ -49,6 +49,16 @@ def configure_engine(kitt: Kitt, binary: Path, model: Path) -> None:
     cfg.write_text(yaml.safe_dump(data))
 
 
+def start_fleet(kitt: Kitt, binary: Path, model: Path) -> None:
+    """A server and an agent configured to start llama-server, advertising it."""
+    kitt.start_server()
+    kitt.init_agent()
+    configure_engine(kitt, binary, model)
+    kitt.run("agent", "start", check=True)
+    wait_for(lambda: "engine:llama.cpp" in kitt.agent("gpu-01")["capabilities"], timeout=30,
+             what="the agent to advertise llama.cpp")  # fmt: skip
+
+
 def test_bench_serve_starts_the_engine_measures_and_stops_it(
     kitt: Kitt, llama_server_binary: Path, demo_model: Path, tmp_path: Path
 ) -> None:
@@ -82,12 +92,7 @@ def test_bench_serve_starts_the_engine_measures_and_stops_it(
 def test_serving_through_the_fleet_and_cancel(
     kitt: Kitt, llama_server_binary: Path, demo_model: Path
 ) -> None:
-    kitt.start_server()
-    kitt.init_agent()
-    configure_engine(kitt, llama_server_binary, demo_model)
-    kitt.run("agent", "start", check=True)
-    wait_for(lambda: "engine:llama.cpp" in kitt.agent("gpu-01")["capabilities"], timeout=30,
-             what="the agent to advertise llama.cpp")  # fmt: skip
+    start_fleet(kitt, llama_server_binary, demo_model)
 
     # A bad parameter is refused at submission, by the agent, with the field named.
     bad = kitt.api("POST", "/api/v1/tests", json={
@@ -135,12 +140,7 @@ def test_serving_through_the_fleet_and_cancel(
 def test_unknown_model_is_a_clear_test_error(
     kitt: Kitt, llama_server_binary: Path, demo_model: Path
 ) -> None:
-    kitt.start_server()
-    kitt.init_agent()
-    configure_engine(kitt, llama_server_binary, demo_model)
-    kitt.run("agent", "start", check=True)
-    wait_for(lambda: "engine:llama.cpp" in kitt.agent("gpu-01")["capabilities"], timeout=30,
-             what="the agent to advertise llama.cpp")  # fmt: skip
+    start_fleet(kitt, llama_server_binary, demo_model)
     test = kitt.api("POST", "/api/v1/tests", json={
         "agent": "gpu-01", "benchmark": "serving", "engine": "llama.cpp", "model": "missing.gguf",
     }).json()  # fmt: skip

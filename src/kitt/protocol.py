@@ -259,6 +259,21 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def describe_config_error(exc: ValidationError, missing: str | None = None) -> str:
+    """The same for a file or parameters a person wrote: ``field 'x': …``, and a misspelt
+    key is called that (``missing`` replaces pydantic's "Field required" where given)."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        elif err["type"] == "missing" and missing is not None:
+            msg = missing
+        parts.append(f"field '{field}': {msg}")
+    return "; ".join(parts)
+
+
 # --- tests and commands (ARCHITECTURE.md §4 "Dispatch", §5 "States") ---------------------
 
 TestStatus = Literal["queued", "dispatched", "running", "completed", "failed", "cancelled", "lost"]

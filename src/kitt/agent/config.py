@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kitt.bench.engines import EngineOverride, load_engines
 from kitt.errors import ConfigError, NotConfiguredError
 from kitt.paths import write_private
-from kitt.protocol import AgentName, BenchmarkName
+from kitt.protocol import AgentName, BenchmarkName, describe_config_error
 from kitt.urls import validate_server_url
 
 EngineName = BenchmarkName  # same rule: letters, digits, . _ - (e.g. "llama.cpp")
@@ -124,14 +124,7 @@ def validate(data: dict[str, Any], path: Path) -> AgentConfig:
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (misspelt?)"
-            problems.append(f"field '{field}': {msg}")
-        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+        raise ConfigError(f"{path}: {describe_config_error(exc)}") from None
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -54,7 +54,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kitt.errors import ConfigError, KittError
-from kitt.protocol import AGENT_NAME_PATTERN
+from kitt.protocol import AGENT_NAME_PATTERN, describe_config_error
 
 log = logging.getLogger(__name__)
 
@@ -236,16 +236,7 @@ def shipped_engines() -> dict[str, dict[str, Any]]:
 
 
 def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False):
-        field = ".".join(str(p) for p in err["loc"]) or "(entry)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (misspelt?)"
-        elif err["type"] == "missing":
-            msg = "required for an engine that KITT does not ship"
-        parts.append(f"field '{field}': {msg}")
-    return "; ".join(parts)
+    return describe_config_error(exc, missing="required for an engine that KITT does not ship")
 
 
 def load_engines(

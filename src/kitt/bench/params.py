@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kitt.bench.metrics import Slo
 from kitt.errors import KittError
-from kitt.protocol import describe_validation_error
+from kitt.protocol import describe_config_error
 
 DEFAULT_NUM_PROMPTS = 200
 
@@ -205,6 +205,4 @@ def load_params(data: dict[str, Any]) -> ServeParams:
     try:
         return ServeParams.model_validate(data)
     except ValidationError as exc:
-        raise ParamsError(
-            "invalid benchmark parameters: " + describe_validation_error(exc)
-        ) from None
+        raise ParamsError("invalid benchmark parameters: " + describe_config_error(exc)) from None
