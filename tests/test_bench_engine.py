@@ -148,7 +148,9 @@ def test_unknown_model_is_a_clear_test_error(
     log = kitt.run("test", "logs", test["id"], check=True).stdout
     assert "missing.gguf" in log and "not found" in log
     assert "Traceback" not in log
-    assert done["error"].startswith("benchmark exited with status")
+    # The test's own error says why, not only that the benchmark exited non-zero.
+    assert done["error"].startswith("benchmark exited with status 1: model 'missing.gguf'")
+    assert "not found on this agent" in done["error"]
 
 
 def test_demo_runs_to_completion(

@@ -211,6 +211,7 @@ class Job(threading.Thread):
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._stop_reason: str | None = None  # "cancelled", "shutdown" or "timeout"
+        self._last_error: str | None = None
 
     # -- control -------------------------------------------------------------------------
 
@@ -327,7 +328,10 @@ class Job(threading.Thread):
             return "failed", f"timed out after {self.benchmark.timeout_s:g} s", None
         if code != 0:
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            return "failed", f"benchmark {how}", self._read_result(result_file, required=False)[1]
+            # The benchmark's own last "error: …" line says why (kitt bench serve prints one).
+            why = f": {self._last_error}" if self._last_error else ""
+            partial = self._read_result(result_file, required=False)[1]
+            return "failed", f"benchmark {how}{why}", partial
         error, result = self._read_result(
             result_file, required=self.benchmark.result_file is not None
         )
@@ -356,7 +360,11 @@ class Job(threading.Thread):
     def _copy_output(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None  # noqa: S101 - Popen was given stdout=PIPE
         for raw in proc.stdout:
-            self._shipper.add(self.log.append(raw))
+            lines = self.log.append(raw)
+            for line in lines:
+                if line.line.startswith("error: "):
+                    self._last_error = line.line.removeprefix("error: ")[:500]
+            self._shipper.add(lines)
 
     # -- reporting -------------------------------------------------------------------------
 
