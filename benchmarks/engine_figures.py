@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 from _harness import Sandbox, free_port, server_sandbox, wait_heartbeat
 
@@ -117,7 +118,7 @@ def loadavg(label: str) -> None:
 
 def run_direct(
     args: argparse.Namespace, override: dict[str, Any], model: Path, work: Path
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
     """``kitt bench serve --engine`` in a KITT_HOME whose agent.yaml carries the override."""
     home = work / "direct-home"
     home.mkdir()
@@ -130,8 +131,19 @@ def run_direct(
         cli += [f"--{key.replace('_', '-')}", value]
     cli += ["--no-progress", "-o", str(out)]
     print("  command: KITT_HOME=" + str(home) + " kitt " + " ".join(cli))
-    kitt(dict(os.environ, KITT_HOME=str(home)), *cli, timeout=RUN_TIMEOUT_S)
-    return load_document(out)
+    output = kitt(dict(os.environ, KITT_HOME=str(home)), *cli, timeout=RUN_TIMEOUT_S)
+    setup = engine_setup(output)
+    print(f"  llama-server said: {setup}")
+    return load_document(out), setup
+
+
+def engine_setup(log: str) -> str:
+    """Slots, context per slot and threads as llama-server itself reported them at start
+    (the result document's ``engine.args`` holds only test-supplied extras, not the argv)."""
+    found = [
+        m.group(0) for m in re.finditer(r"n_slots = \d+, n_ctx_slot = \d+|n_threads = \d+", log)
+    ]
+    return ", ".join(dict.fromkeys(found)) or "(no setup lines found in its log)"
 
 
 def load_document(path: Path) -> dict[str, Any]:
@@ -146,9 +158,10 @@ def load_document(path: Path) -> dict[str, Any]:
 
 def run_fleet(
     args: argparse.Namespace, override: dict[str, Any], model: Path, direct_path: Path
-) -> tuple[dict[str, Any], str, dict[str, Any]]:
+) -> tuple[dict[str, Any], str, dict[str, Any], str]:
     """Server and agent on loopback, the same parameters as a ``serving`` test. Returns the
-    stored document, its id, and ``kitt results compare``'s JSON against the direct run."""
+    stored document, its id, ``kitt results compare``'s JSON against the direct run, and
+    llama-server's own account of its setup."""
     with server_sandbox("--log-level", "warning") as box:
         agent_port = free_port()
         kitt(box.env, "agent", "init", "--server", box.url, "--name", AGENT,
@@ -166,6 +179,10 @@ def run_fleet(
             for key, value in serve_params(args).items():
                 cli += ["--param", f"{key}={value}"]
             print("  command: kitt " + " ".join(cli) + " --follow --json")
+            daemons = {"agent": psutil.Process(int((box.home / "agent.pid").read_text())),
+                       "server": psutil.Process(box.server_pid())}  # fmt: skip
+            cpu_before = {k: sum(p.cpu_times()[:2]) for k, p in daemons.items()}
+            t0 = time.monotonic()
             try:
                 proc = subprocess.run(
                     [sys.executable, "-m", "kitt", *cli, "--follow", "--json"],
@@ -180,8 +197,18 @@ def run_fleet(
                 raise Failure(f"`kitt test run` printed no test (exit {proc.returncode}): "
                               f"{(proc.stderr or proc.stdout).strip()[-2000:]}") from None  # fmt: skip
             test = wait_terminal(box, test)
+            wall = time.monotonic() - t0
+            for name, proc_ in daemons.items():
+                used = sum(proc_.cpu_times()[:2]) - cpu_before[name]
+                print(f"  {name} process: {used:.1f} s CPU during the test "
+                      f"({used / wall:.0%} of one core over {wall:.0f} s)")  # fmt: skip
+            log = kitt(box.env, "test", "logs", test["id"])
+            engine_lines = sum(line.startswith("[llama.cpp]") for line in log.splitlines())
+            print(f"  test log: {len(log.splitlines())} lines ({engine_lines} from llama-server) "
+                  "carried agent -> server")  # fmt: skip
+            setup = engine_setup(log)
+            print(f"  llama-server said: {setup}")
             if test["status"] != "completed":
-                log = kitt(box.env, "test", "logs", test["id"])
                 raise Failure(f"the serving test ended {test['status']}: {test.get('error')}\n"
                               + "\n".join(log.splitlines()[-20:]))  # fmt: skip
             stored = json.loads(kitt(box.env, "results", "show", test["id"], "--json"))
@@ -193,7 +220,7 @@ def run_fleet(
             compared = json.loads(
                 kitt(box.env, "results", "compare", match.group(1), test["id"], "--json")
             )
-            return document, test["id"], compared
+            return document, test["id"], compared, setup
         finally:
             subprocess.run(
                 [sys.executable, "-m", "kitt", "agent", "stop"], env=box.env,
@@ -299,9 +326,7 @@ def print_figures(doc: dict[str, Any]) -> None:
         )
     table(header, rows)
     engine = doc["engine"]
-    print(
-        f"  engine: {engine['name']} {engine.get('version')}  args: {' '.join(engine.get('args') or [])}"
-    )
+    print(f"  engine as the document records it: {engine['name']} {engine.get('version')}")
 
 
 def print_comparison(
@@ -391,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         raise Failure("llama-server is not built: run `kitt bench prepare-demo` first")
     model = tiny_model.ensure_demo_model()
     override = engine_override(binary, model, args.slots)
+    argv = override["engines"][ENGINE]["argv"]
+    print("llama-server argv (agent.yaml of both runs): " + " ".join(argv))
     print(f"llama-server {binary}\nmodel {model}\nrepeat {args.repeat}, {args.num_prompts} "
           f"prompts per step, concurrency {args.concurrency}, input/output {INPUT_LEN}/{OUTPUT_LEN} tokens")  # fmt: skip
     if args.repeat < 2:
@@ -401,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== 1. kitt bench serve, run directly ==")
         loadavg("at start")
         t0 = time.monotonic()
-        direct = run_direct(args, override, model, work)
+        direct, direct_setup = run_direct(args, override, model, work)
         print(f"  took {time.monotonic() - t0:.0f} s")
         loadavg("at end")
         print_figures(direct)
@@ -409,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== 2. the same as a `serving` test through a local server and agent ==")
         loadavg("at start")
         t0 = time.monotonic()
-        fleet, test_id, compared = run_fleet(args, override, model, work / "direct.json")
+        fleet, test_id, compared, fleet_setup = run_fleet(
+            args, override, model, work / "direct.json"
+        )
         print(
             f"  test {test_id} took {time.monotonic() - t0:.0f} s (server and agent start included)"
         )
@@ -417,8 +446,6 @@ def main(argv: list[str] | None = None) -> int:
         print_figures(fleet)
         print("\n  fleet - direct, per step (mean across repeats):")
         disagree = print_comparison(direct, fleet, compared)
-        if direct["engine"].get("args") != fleet["engine"].get("args"):
-            print("  note: the two runs started llama-server with different arguments")
 
         print("\n== 3. client fidelity per step and run ==")
         print_fidelity(direct, "direct")
@@ -436,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.monotonic() - started:.0f} s")
     problems = check_document(direct, args, "direct") + check_document(fleet, args, "fleet")
     problems += [f"noise verdict differs: {d}" for d in disagree]
+    if direct_setup != fleet_setup:
+        problems.append(f"llama-server ran differently: direct {direct_setup}, fleet {fleet_setup}")
     if problems:
         print(
             "error: the figures above are not trustworthy:\n  " + "\n  ".join(problems),

@@ -247,6 +247,10 @@ def test_every_request_failing_is_an_error(tmp_path: Path, sim_factory: Any) -> 
                  "--no-calibrate", check=False)  # fmt: skip
     assert proc.returncode == 1
     assert "every request failed; the first error: HTTP 500" in proc.stderr
+    sweep = bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--sweep", "--num-prompts",
+                  "3", "--no-calibrate", check=False)  # fmt: skip
+    assert sweep.returncode == 1, sweep.stdout + sweep.stderr
+    assert "completed no request" in sweep.stderr and "Traceback" not in sweep.stderr
 
 
 def test_gpu_telemetry_is_aligned_to_each_step(tmp_path: Path, sim_factory: Any) -> None:
@@ -268,7 +272,7 @@ def test_gpu_telemetry_is_aligned_to_each_step(tmp_path: Path, sim_factory: Any)
     assert doc["telemetry"]["available"] is True and doc["telemetry"]["interval_s"] == 0.1
     assert doc["hardware"]["gpu_count"] == 2 and "H100" in doc["hardware"]["gpu_model"]
     for step in doc["steps"]:
-        t = step["metrics"]["telemetry"]
+        t = step["telemetry"]
         duration = step["window"]["duration_s"]
         assert t["samples"] >= 10  # ~1.5 s at 100 ms
         g0, g1 = t["gpus"]

@@ -263,7 +263,7 @@ def test_available_engines_and_capabilities(
     assert capabilities([]) == ["serving"]
 
     # The shipped llama.cpp version rule on llama-server's real output format.
-    assert engine_version(specs["llama.cpp"]) == "b6000"
+    assert engine_version(specs["llama.cpp"]) == "6000 (1a2b3c4d)"
     assert engine_version(specs["vllm"]) is None  # not installed: unknown, not an error
     no_match = load_engines({"llama.cpp": {"version_regex": r"release (\d+)"}})["llama.cpp"]
     assert engine_version(no_match) is None
@@ -281,8 +281,11 @@ def test_healthy_engine_streams_prefixed_lines_and_stops(model: Path, lines: lis
     spec = fake_spec("--lines", "3", "--healthy-after", "0.5", "--child")
     with EngineProcess(spec, str(model), model_name="tiny", on_line=lines.append) as engine:
         assert httpx.get(engine.url + "/health").status_code == 200
-        assert engine.describe() == {"name": "fake", "version": "b4242", "args": [],
-                                 "managed": True, "model_path": str(model)}  # fmt: skip
+        described = engine.describe()
+        assert described == {"name": "fake", "version": "b4242", "args": engine.argv,
+                             "engine_args": [], "managed": True,
+                             "model_path": str(model)}  # fmt: skip
+        assert str(model) in engine.argv and str(engine.port) in engine.argv
         assert engine.guard_pid is not None and engine.engine_pid is not None
         assert f"[fake] fake engine pid {engine.engine_pid} model={model} extra=[]" in lines
         assert lines[1:4] == ["[fake] log line 0", "[fake] log line 1", "[fake] log line 2"]
@@ -322,7 +325,8 @@ def test_engine_args_are_refused_unless_allowed_and_never_reach_a_shell(
     with EngineProcess(spec, str(model), on_line=lines.append, engine_args=args) as engine:
         assert any(line.endswith(f"extra={json.dumps(args)}") for line in lines)
         assert f"[fake] env FAKE_ADDR=127.0.0.1:{engine.port}" in lines
-        assert engine.describe()["args"] == args
+        assert engine.describe()["engine_args"] == args
+        assert engine.describe()["args"][-len(args) :] == args
     assert not Path("/tmp/kitt-pwned").exists()
 
 

@@ -447,6 +447,14 @@ def test_a_real_bench_serve_document_round_trips(kitt: Kitt, tmp_path: Path) -> 
     """What `kitt bench serve --output` writes (against the fixture engine) imports, shows
     and compares: the contract between the benchmark and the server holds."""
     port = free_port()
+    # Two GPUs behind the NVML stand-in, drawing 300 W + 100 W: the benchmark's telemetry
+    # must reach `results show` and the CSV export.
+    kitt.fake_gpus([
+        {"name": "NVIDIA H100 80GB HBM3", "util": 90, "mem_used": 60 * 2**30,
+         "mem_total": 80 * 2**30, "temp": 70, "power_mw": 300000, "energy_mj": "from_power"},
+        {"name": "NVIDIA H100 80GB HBM3", "util": 10, "mem_used": 2**30,
+         "mem_total": 80 * 2**30, "temp": 40, "power_mw": 100000, "energy_mj": "from_power"},
+    ])  # fmt: skip
     sim = subprocess.Popen(
         [sys.executable, "-m", "kitt.bench.simulator", "--port", str(port), "--ttft-ms", "20",
          "--itl-ms", "5"],
@@ -459,7 +467,8 @@ def test_a_real_bench_serve_document_round_trips(kitt: Kitt, tmp_path: Path) -> 
         out = tmp_path / "run" / "result.json"
         run_ok(kitt, "bench", "serve", "--no-progress", "--endpoint", url, "--model", "sim",
                "--concurrency", "1,4", "--num-prompts", "12", "--input-len", "16",
-               "--output-len", "8", "--repeat", "2", "-o", str(out))  # fmt: skip
+               "--output-len", "8", "--repeat", "2", "--telemetry-interval", "100ms",
+               "-o", str(out))  # fmt: skip
     finally:
         sim.terminate()
         sim.wait(10)
@@ -474,7 +483,11 @@ def test_a_real_bench_serve_document_round_trips(kitt: Kitt, tmp_path: Path) -> 
     assert row["best_output_token_throughput"] == summary["best_output_token_throughput"] > 0
     assert run_json(kitt, "results", "show", result_id)["document"] == document
     shown = run_ok(kitt, "results", "show", result_id)
-    assert "c=4 #1" in shown and "telemetry: not available" in shown
+    assert "c=4 #1" in shown and "GPU telemetry per step" in shown
+    gpu_table = shown.split("GPU telemetry per step", 1)[1].splitlines()
+    telemetry_rows = [line.split() for line in gpu_table if line.startswith("c=4 #0 ")]
+    # step, #, GPU index, util mean, util max: each GPU's own readings.
+    assert [row[2:5] for row in telemetry_rows] == [["0", "90.0", "90.0"], ["1", "10.0", "10.0"]]
     # Against itself: no change, and the repeats make the noise known.
     cmp = run_json(kitt, "results", "compare", result_id, result_id)
     assert cmp["noise_known"] is True
@@ -489,6 +502,13 @@ def test_a_real_bench_serve_document_round_trips(kitt: Kitt, tmp_path: Path) -> 
     assert sorted((r["step"], r["repeat_index"]) for r in csv_rows) == [
         ("c=1", "0"), ("c=1", "1"), ("c=4", "0"), ("c=4", "1")]  # fmt: skip
     assert {r["requests"] for r in csv_rows} == {"12"}
+    for r in csv_rows:  # 400 W over the step, per output token
+        step = next(s for s in document["steps"]
+                    if (s["name"], str(s["repeat_index"])) == (r["step"], r["repeat_index"]))  # fmt: skip
+        joules = 400 * step["window"]["duration_s"]
+        assert float(r["energy_per_output_token_j"]) == pytest.approx(
+            joules / step["metrics"]["output_tokens"], rel=0.1
+        )
 
 
 # --- hostile input ------------------------------------------------------------------------
@@ -626,3 +646,12 @@ def test_delta_and_noise_rules() -> None:
     assert {r.scope for r in rows} == {"summary", "c=1", "c=4", "c=16"}
     c16 = next(r for r in rows if r.scope == "c=16" and r.metric == "output_token_throughput")
     assert c16.values == [pytest.approx(1000.0), None, pytest.approx(1200.0)]
+
+
+def test_csv_cells_cannot_become_spreadsheet_formulas() -> None:
+    from kitt.cli.results import _csv_value
+
+    assert _csv_value('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
+    assert _csv_value("@SUM(A1)") == "'@SUM(A1)" and _csv_value("+1") == "'+1"
+    assert _csv_value("llama-3-8b") == "llama-3-8b"
+    assert _csv_value(-5.0) == -5 and _csv_value(2.5) == 2.5 and _csv_value(None) == ""

@@ -282,6 +282,7 @@ BenchmarkName = Annotated[str, StringConstraints(pattern=AGENT_NAME_PATTERN)]
 ParamKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
 ParamValue = str | int | float | bool | None
 ANY_AGENT = "any"
+SERVING_BENCHMARK = "serving"  # built in: every agent offers it (kitt bench serve)
 
 
 class TestRequest(WireModel):
@@ -383,7 +384,7 @@ SERVING_RESULT_KIND = "kitt.serving"
 ResultSource = Literal["fleet", "import"]
 # A metric: any finite JSON number, or null when the run could not measure it (e.g. TTFT
 # when every request failed). NaN and Infinity are not JSON and are refused earlier.
-Metric = float | None
+Metric = Annotated[float, Field(allow_inf_nan=False)] | None
 # Indexed columns of ``bench_results``, as named in the document's ``summary``.
 SUMMARY_METRICS: tuple[str, ...] = (
     "best_output_token_throughput",

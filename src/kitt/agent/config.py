@@ -64,6 +64,11 @@ class AgentConfig(BaseModel):
     engines: dict[EngineName, EngineOverride] = Field(default_factory=dict)
     models_dir: Path | None = None
     allow_any_model_path: bool = False
+    # What a `serving` test from the server may point the agent at: dataset files only
+    # under datasets_dir; engines it did not start only on this host or at the listed
+    # base URLs.
+    datasets_dir: Path | None = None
+    allowed_endpoints: list[str] = Field(default_factory=list, max_length=256)
     benchmarks: dict[BenchmarkName, CustomBenchmark] = Field(default_factory=dict)
 
     @field_validator("server_url")
@@ -82,7 +87,7 @@ class AgentConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("models_dir")
+    @field_validator("models_dir", "datasets_dir")
     @classmethod
     def _models_dir(cls, value: Path | None) -> Path | None:
         if value is None:

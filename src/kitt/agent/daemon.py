@@ -25,7 +25,7 @@ from kitt.errors import ConfigError, KittError
 from kitt.http import ListenerTls, WsgiServer
 from kitt.paths import AgentPaths
 from kitt.process import run_steps
-from kitt.protocol import Command
+from kitt.protocol import SERVING_BENCHMARK, Command
 from kitt.urls import is_loopback
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class AgentDaemon:
         self.auth = AgentAuth(config.name, config.token, tls=listener_tls is not None)
         self._renewer: CertRenewer | None = None
         self._spool = Spool(paths.spool)
-        self.jobs = JobManager(config, paths.jobs, self.state, self._spool)
+        self.jobs = JobManager(config, paths.jobs, self.state, self._spool, self.config_path)
         self._telemetry: GpuTelemetry | None = None
         self._client: ServerClient | None = None
         self._heartbeat: HeartbeatThread | None = None
@@ -90,7 +90,7 @@ class AgentDaemon:
             self.config.bind,
             self._http.bound_port,
             self.config.server_url,
-            ", ".join(sorted({*self.config.benchmarks, "serving"})),
+            ", ".join(sorted({*self.config.benchmarks, SERVING_BENCHMARK})),
             ", ".join(engines) or "none found",
         )
         self.jobs.recover()

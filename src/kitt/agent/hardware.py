@@ -12,7 +12,7 @@ import psutil
 
 from kitt import __version__
 from kitt.agent.telemetry import GIB, GpuTelemetry
-from kitt.protocol import Hardware, RegisterRequest
+from kitt.protocol import SERVING_BENCHMARK, Hardware, RegisterRequest
 
 
 def cpu_model() -> str | None:
@@ -32,7 +32,7 @@ def gpu_summary(names: list[str]) -> str | None:
     return ", ".join(f"{n}x {name}" for name, n in Counter(names).items())
 
 
-BUILTIN_BENCHMARKS = ("serving",)
+BUILTIN_BENCHMARKS = (SERVING_BENCHMARK,)
 ENGINE_CAPABILITY = "engine:"
 
 

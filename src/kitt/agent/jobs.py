@@ -36,7 +36,12 @@ from kitt.agent.spool import Spool
 from kitt.agent.state import AgentState
 from kitt.errors import KittError
 from kitt.paths import PRIVATE_DIR, ensure_dir, write_private
-from kitt.protocol import Command, RunTestPayload, describe_validation_error
+from kitt.protocol import (
+    SERVING_BENCHMARK,
+    Command,
+    RunTestPayload,
+    describe_validation_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +50,40 @@ STOP_AFTER_HURRY_S = CANCEL_GRACE_S + 2
 RESULT_MAX_BYTES = 1024 * 1024 - 4096  # the result must fit the server's 1 MiB body limit
 
 
-SERVING = "serving"  # the built-in benchmark: ``kitt bench serve`` as the job's subprocess
 SERVING_TIMEOUT_S = 12 * 3600.0
 
 
-def serving_job(payload: RunTestPayload) -> tuple[RunTestPayload, CustomBenchmark]:
+def serving_job(
+    payload: RunTestPayload, config: AgentConfig, config_path: Path | None
+) -> tuple[RunTestPayload, CustomBenchmark]:
     """The built-in serving benchmark: its parameters are checked now (a typo is a 400 at
-    submission, not a failed test later), and its command is fixed here, on the agent —
-    the server only ever names the benchmark, an engine and a model."""
-    from kitt.bench.params import ParamsError, load_params
+    submission, not a failed test later), against this agent's rules for what the server
+    may point it at, and its command is fixed here, on the agent — the server only ever
+    names the benchmark, an engine, a model and parameter values."""
+    from kitt.bench.params import ParamsError, agent_policy, load_params
 
+    for key in ("engine", "model"):
+        if key in payload.params:
+            raise CommandError(
+                400, f"give the {key} as the test's own '{key}' field, not as a parameter"
+            )
     params: dict[str, Any] = dict(payload.params)
     if payload.engine is not None:
         params["engine"] = payload.engine
     if payload.model is not None:
         params["model"] = payload.model
     try:
-        load_params(params)
+        checked = agent_policy(load_params(params), config.datasets_dir, config.allowed_endpoints)
     except ParamsError as exc:
         raise CommandError(400, str(exc)) from None
+    if checked.dataset is not None:
+        params["dataset"] = checked.dataset
     command = [sys.executable, "-m", "kitt", "bench", "serve", "--params-file", "params.json",
                "--output", "result.json", "--no-progress"]  # fmt: skip
+    if config_path is not None:
+        # The benchmark obeys this agent's own config (engines, models_dir, the policy
+        # above) even when the daemon was started with --config elsewhere.
+        command += ["--agent-config", str(config_path)]
     bench = CustomBenchmark(command=command, timeout_s=SERVING_TIMEOUT_S,
                             result_file=Path("result.json"),
                             description="built-in LLM serving benchmark")  # fmt: skip
@@ -401,9 +419,15 @@ class JobManager:
     """Accepts commands (from a push or a heartbeat) and runs at most one job at a time."""
 
     def __init__(
-        self, config: AgentConfig, jobs_dir: Path, state: AgentState, spool: Spool
+        self,
+        config: AgentConfig,
+        jobs_dir: Path,
+        state: AgentState,
+        spool: Spool,
+        config_path: Path | None = None,
     ) -> None:
         self._config = config
+        self._config_path = config_path
         self._dir = ensure_dir(jobs_dir, PRIVATE_DIR)
         self._state = state
         self._spool = spool
@@ -437,10 +461,10 @@ class JobManager:
                 400, "invalid run_test payload: " + describe_validation_error(exc)
             ) from None
         benchmark = self._config.benchmarks.get(payload.benchmark)
-        if benchmark is None and payload.benchmark == SERVING:
-            payload, benchmark = serving_job(payload)
+        if benchmark is None and payload.benchmark == SERVING_BENCHMARK:
+            payload, benchmark = serving_job(payload, self._config, self._config_path)
         if benchmark is None:
-            offered = ", ".join(sorted({*self._config.benchmarks, SERVING})) or "none"
+            offered = ", ".join(sorted({*self._config.benchmarks, SERVING_BENCHMARK})) or "none"
             raise CommandError(
                 400, f"unknown benchmark {payload.benchmark!r} (this agent offers: {offered})"
             )

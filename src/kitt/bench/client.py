@@ -106,16 +106,22 @@ class StreamingClient:
         data.update(self.extra_body)
         return json.dumps(data, separators=(",", ":")).encode()
 
-    async def send(self, spec: RequestSpec, rec: RequestRecord) -> None:
+    async def send(self, spec: RequestSpec, rec: RequestRecord, body: bytes | None = None) -> None:
         """Send one request and fill ``rec``. Never raises for request-level failures:
-        they are recorded in ``rec.error`` (a benchmark counts errors, it does not stop)."""
-        body = self.body(spec)
+        they are recorded in ``rec.error`` (a benchmark counts errors, it does not stop).
+        ``body``: prebuilt by the caller before the request's scheduled time, so building it
+        (long prompts take milliseconds) is not counted as the engine's latency."""
+        if body is None:
+            body = self.body(spec)
         rec.sent = time.perf_counter()
         for attempt in (0, 1):
             try:
                 await self._post(body, rec)
-            except aiohttp.ClientConnectionError as exc:
-                if attempt == 0 and rec.http_status is None:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # Not a failed connect (refused, timed out: ClientConnectorError) — a
+                # connection from the pool that turned out to be closed.
+                stale = not isinstance(exc, aiohttp.ClientConnectorError)
+                if stale and attempt == 0 and rec.http_status is None:
                     # A pooled connection the server had already closed: some engines
                     # (llama-server) close after every streamed response while announcing
                     # keep-alive. Nothing reached the engine; from now on every request
@@ -129,6 +135,10 @@ class StreamingClient:
                 rec.error = _describe(exc)
             except OSError as exc:
                 rec.error = f"connection error: {exc}"
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+                # A stream that is valid JSON of an unexpected shape: this request's error,
+                # never the end of the run.
+                rec.error = f"unexpected response from the engine: {_describe(exc)}"
             break
         if rec.end is None:
             rec.end = time.perf_counter()
@@ -196,12 +206,19 @@ class StreamingClient:
                         finished = True
                 usage = obj.get("usage")
                 if usage:
-                    rec.usage_prompt_tokens = usage.get("prompt_tokens")
-                    rec.usage_completion_tokens = usage.get("completion_tokens")
+                    rec.usage_prompt_tokens = _count(usage.get("prompt_tokens"))
+                    rec.usage_completion_tokens = _count(usage.get("completion_tokens"))
         if rec.end is None:
             rec.end = perf()
         if rec.error is None and not (done or finished):
             rec.error = "the stream ended before the response was complete"
+
+
+def _count(value: Any) -> int | None:
+    """A token count from ``usage``: a non-negative integer, or unknown."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -222,18 +239,3 @@ def _error_message(raw: bytes | dict[str, Any]) -> str:
             return str(err.get("message") or err)[:300]
         return str(err)[:300]
     return str(obj)[:300]
-
-
-async def probe(endpoint: str, timeout_s: float = 10.0) -> list[str]:
-    """The model ids the endpoint serves (``GET /v1/models``); [] when it does not say."""
-    url = base_url(endpoint) + "/v1/models"
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
-        if resp.status != 200:
-            return []
-        try:
-            data = await resp.json(content_type=None)
-        except ValueError:
-            return []
-    items = data.get("data") if isinstance(data, dict) else None
-    return [str(m.get("id")) for m in items or [] if isinstance(m, dict) and m.get("id")]

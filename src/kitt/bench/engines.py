@@ -524,6 +524,7 @@ class EngineProcess:
         default_name = model_path if spec.model_kind == "name" else Path(model_path).name
         self.model_name = check_model_ref(model_name or default_name or model_path)
         self.engine_args = list(engine_args)
+        self.argv: list[str] = []  # the command line of the last start
         self.startup_timeout_s = startup_timeout_s or spec.startup_timeout_s
         self.stop_grace_s = stop_grace_s if stop_grace_s is not None else spec.stop_grace_s
         self.host = host
@@ -564,8 +565,11 @@ class EngineProcess:
 
     def describe(self) -> dict[str, Any]:
         """The result document's ``engine`` section."""
-        return {"name": self.spec.name, "version": self.version, "args": list(self.engine_args),
-                "managed": True, "model_path": self.model_path}  # fmt: skip
+        # The command line that actually ran (agent.yaml's argv included: -np, -c, …), so
+        # that two results say how their engines were configured.
+        return {"name": self.spec.name, "version": self.version, "args": list(self.argv),
+                "engine_args": list(self.engine_args), "managed": True,
+                "model_path": self.model_path}  # fmt: skip
 
     def start(self) -> EngineProcess:
         binary = find_binary(self.spec)
@@ -640,6 +644,7 @@ class EngineProcess:
         argv = build_argv(self.spec, binary=binary, model=self.model_path,
                           model_name=self.model_name, host=self.host, port=port,
                           engine_args=self.engine_args)  # fmt: skip
+        self.argv = argv
         env = dict(os.environ)
         env.update({k: _substitute(v, values) for k, v in self.spec.env.items()})
         env.update(self._extra_env)

@@ -9,13 +9,18 @@ so a typo'd parameter is a 400 at submission, not a failed test minutes later.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kitt.bench.metrics import Slo
 from kitt.errors import KittError
 from kitt.protocol import describe_config_error
+from kitt.urls import is_loopback
 
 DEFAULT_NUM_PROMPTS = 200
 
@@ -24,6 +29,11 @@ class ParamsError(KittError):
     """Benchmark parameters that cannot run."""
 
     exit_code = 2
+
+
+MAX_LEVELS = 64
+MAX_CONCURRENCY = 100_000
+MAX_RATE = 1_000_000.0
 
 
 def _levels(value: str | int | float | None, kind: type[int] | type[float]) -> list[Any]:
@@ -43,16 +53,21 @@ def _levels(value: str | int | float | None, kind: type[int] | type[float]) -> l
             raise ValueError(f"{item!r} is not a finite number")
         if number <= 0:
             raise ValueError(f"{item!r} must be > 0")
+        limit = MAX_CONCURRENCY if kind is int else MAX_RATE
+        if number > limit:
+            raise ValueError(f"{item!r} is above the limit of {limit:g}")
         out.append(number)
     if not out:
         raise ValueError("give at least one value")
+    if len(out) > MAX_LEVELS:
+        raise ValueError(f"{len(out)} levels; at most {MAX_LEVELS}")
     return out
 
 
 class ServeParams(BaseModel):
     """Everything a serving benchmark run needs; defaults match ``kitt bench serve``."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
 
     endpoint: str | None = Field(default=None, max_length=2048)
     engine: str | None = Field(default=None, max_length=64)
@@ -74,12 +89,12 @@ class ServeParams(BaseModel):
     warmup_s: float | None = Field(default=None, ge=0, le=86400)
     repeat: int = Field(default=1, ge=1, le=100)
 
-    input_len: int = Field(default=128, ge=1, le=10_000_000)
-    input_len_std: float = Field(default=0.0, ge=0)
+    input_len: int = Field(default=128, ge=1, le=1_000_000)
+    input_len_std: float = Field(default=0.0, ge=0, le=1_000_000)
     input_len_min: int | None = Field(default=None, ge=1)
     input_len_max: int | None = Field(default=None, ge=1)
-    output_len: int = Field(default=128, ge=1, le=10_000_000)
-    output_len_std: float = Field(default=0.0, ge=0)
+    output_len: int = Field(default=128, ge=1, le=1_000_000)
+    output_len_std: float = Field(default=0.0, ge=0, le=1_000_000)
     output_len_min: int | None = Field(default=None, ge=1)
     output_len_max: int | None = Field(default=None, ge=1)
     output_len_from_file: bool = False
@@ -206,3 +221,39 @@ def load_params(data: dict[str, Any]) -> ServeParams:
         return ServeParams.model_validate(data)
     except ValidationError as exc:
         raise ParamsError("invalid benchmark parameters: " + describe_config_error(exc)) from None
+
+
+def agent_policy(
+    p: ServeParams, datasets_dir: Path | None, allowed_endpoints: Sequence[str]
+) -> ServeParams:
+    """What the server may ask of an agent's serving benchmark (ARCHITECTURE.md §6: the
+    server names things, the agent decides what they mean on this host).
+
+    - ``dataset``: a file under the agent's ``datasets_dir`` (relative names resolve there;
+      no way out of it), else refused — a test must not read the agent's files.
+    - ``endpoint``: an engine on this host (loopback), or one of ``allowed_endpoints`` —
+      the agent must not become a client of any URL the server names.
+    """
+    updates: dict[str, Any] = {}
+    if p.dataset is not None:
+        if datasets_dir is None:
+            raise ParamsError(
+                "dataset files are refused: this agent has no datasets_dir in agent.yaml"
+            )
+        root = Path(os.path.abspath(datasets_dir))
+        candidate = Path(os.path.normpath(root / p.dataset))
+        if ".." in Path(p.dataset).parts or root not in candidate.parents:
+            raise ParamsError(
+                f"dataset {p.dataset!r} is outside this agent's datasets_dir {root}; refused"
+            )
+        updates["dataset"] = str(candidate)
+    if p.endpoint is not None:
+        url = p.endpoint.rstrip("/")
+        host = urlsplit(url).hostname or ""
+        allowed = {e.rstrip("/") for e in allowed_endpoints}
+        if not is_loopback(host) and not any(url == a or url.startswith(a + "/") for a in allowed):
+            raise ParamsError(
+                f"endpoint {p.endpoint!r} is not on this host and not in this agent's "
+                "allowed_endpoints (agent.yaml)"
+            )
+    return p.model_copy(update=updates) if updates else p

@@ -124,6 +124,7 @@ class BarProgress(LineProgress):
     def step_finished(self, step: Step, metrics: dict[str, Any]) -> None:
         if self._task is not None:
             self._bar.update(self._task, total=self._done, completed=self._done)
+        self._bar.console.print(escape(step_line(step.name, metrics)), highlight=False)
 
     def message(self, text: str) -> None:
         self._bar.console.print(escape(text))
@@ -137,7 +138,7 @@ def summary_table(doc: dict[str, Any], width: int = 200) -> Table:
     narrow terminal the secondary columns go (the result file has everything)."""
     has_slo = any(s["metrics"].get("goodput") is not None for s in doc["steps"])
     has_energy = any(
-        (s["metrics"].get("telemetry") or {}).get("energy_per_output_token_j") is not None
+        (s.get("telemetry") or {}).get("energy_per_output_token_j") is not None
         for s in doc["steps"]
     )
     table = Table(
@@ -173,7 +174,7 @@ def summary_table(doc: dict[str, Any], width: int = 200) -> Table:
             frac = m.get("good_fraction")
             row.append(f"{_num(m['goodput'])} ({frac:.0%})" if frac is not None else "-")
         if has_energy:
-            row.append(_num((m.get("telemetry") or {}).get("energy_per_output_token_j")))
+            row.append(_num((s.get("telemetry") or {}).get("energy_per_output_token_j")))
         row.append(str(m["errors"]) if not m["errors"] else f"[red]{m['errors']}[/red]")
         table.add_row(*(row[i] for i in keep))
     table.caption = "latencies in ms (TTFT/TPOT/ITL/E2E); ⚠ = client fidelity degraded"

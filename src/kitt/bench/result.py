@@ -1,4 +1,4 @@
-"""The result document (``schema_version`` 1, see ``docs/benchmark-results.md``) and the
+"""The result document (``schema_version`` 1, see ``docs/design-bench.md``) and the
 files written beside it: per-request records and the GPU telemetry series as JSONL.
 
 A result is self-describing: the config that produced it, the engine (name, version,
@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from kitt import __version__
-from kitt.bench.metrics import repeat_summary
+from kitt.bench.metrics import lookup, repeat_summary
 from kitt.bench.records import RequestRecord
 
 SCHEMA_VERSION = 1
@@ -69,13 +69,6 @@ def hardware() -> dict[str, Any]:
     return facts
 
 
-def _lookup(metrics: dict[str, Any], dotted: str) -> Any:
-    node: Any = metrics
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline numbers: those of the step with the best output token throughput."""
     if not steps:
@@ -90,11 +83,11 @@ def summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "error_rate": m["error_rate"],
     }
     for key, dotted in SUMMARY_KEYS:
-        out[key] = _lookup(m, dotted)
+        out[key] = lookup(m, dotted)
     # Latency at the lightest load is what a single user sees: keep it too.
     first = steps[0]["metrics"]
-    out["single_user_ttft_ms_p50"] = _lookup(first, "ttft_ms.p50")
-    out["single_user_tpot_ms_p50"] = _lookup(first, "tpot_ms.p50")
+    out["single_user_ttft_ms_p50"] = lookup(first, "ttft_ms.p50")
+    out["single_user_tpot_ms_p50"] = lookup(first, "tpot_ms.p50")
     return out
 
 

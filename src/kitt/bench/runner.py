@@ -24,10 +24,15 @@ from kitt.bench.metrics import Slo, distribution, step_metrics
 from kitt.bench.params import ServeParams
 from kitt.bench.profiles import Step
 from kitt.bench.records import RequestRecord
+from kitt.errors import KittError
 
 LAG_DEGRADED_MS = 5.0  # p99 schedule or loop lag above this: timestamps are not trusted
 CPU_DEGRADED = 0.9  # the client used >= 90 % of a core: it was (nearly) the bottleneck
 LOOP_TICK_S = 0.005
+
+
+class MeasurementError(KittError):
+    """A step or a sweep that cannot produce a measurement."""
 
 
 class Progress(Protocol):
@@ -44,6 +49,7 @@ class StepResult:
     records: list[RequestRecord]
     metrics: dict[str, Any]
     window: tuple[float, float]
+    telemetry: dict[str, Any] | None = None
 
 
 @dataclass
@@ -132,6 +138,12 @@ class Runner:
         if repeat == 0:
             low = sync.metrics["request_throughput"]
             high = peak.metrics["request_throughput"]
+            if low <= 0 or high <= 0:
+                raise MeasurementError(
+                    "the sweep's synchronous and throughput steps completed no request "
+                    f"({sync.metrics['errors']} and {peak.metrics['errors']} errors): there is "
+                    "no rate to sweep; see the errors above"
+                )
             rates = profiles.sweep_rates(low, high, self.params.sweep_steps)
             planned[:] = [
                 profiles.open_loop(r, self.params.arrival, self.params.max_concurrency)
@@ -150,7 +162,9 @@ class Runner:
         """Fit the engine's prompt tokens to our word count (two 1-token requests), so that
         ``--input-len`` means the model's tokens. Without ``usage`` we keep 1 word/token."""
         ds = self.dataset
-        counts = (32, 32 + 256)
+        # Small probes: an engine's context per request can be small (llama.cpp splits -c
+        # between its slots), and a rejected probe would leave the lengths uncalibrated.
+        counts = (8, 8 + 32)
         measured = []
         rng = random.Random("calibration")
         for words in counts:
@@ -197,15 +211,14 @@ class Runner:
         lags = await monitor.stop()
         measured = [r for r in records if not r.warmup]
         if not measured:
-            raise RuntimeError(f"step {step.name} measured no request")  # duration too short
+            raise MeasurementError(f"step {step.name} measured no request (is the warmup longer "
+                             "than the step?)")  # fmt: skip
         metrics = step_metrics(measured, self.slo)
         metrics["client"] = fidelity(measured, lags, cpu, step)
         start, end = min(r.scheduled for r in measured), max(r.end or 0.0 for r in measured)
         result = StepResult(step, repeat, records, metrics, (start, end))
         if self.on_window is not None:
-            telemetry = self.on_window(result)
-            if telemetry is not None:
-                metrics["telemetry"] = telemetry
+            result.telemetry = self.on_window(result)
         self.progress.step_finished(step, metrics)
         return result
 
@@ -227,17 +240,22 @@ class Runner:
 
         async def worker() -> None:
             nonlocal counter
+            # The next request is built before its scheduled time is stamped: building a
+            # long prompt is the client's work, not the engine's latency.
+            spec = next(requests)
+            body = self.client.body(spec)
             due = time.perf_counter()
             while True:
                 warm = gate.admit(counter, due)
                 if warm is None:
                     return
-                spec = next(requests)
                 rec = self._record(step, repeat, counter, due, spec, warm)
                 counter += 1
                 records.append(rec)
-                await self.client.send(spec, rec)
+                await self.client.send(spec, rec, body)
                 self.progress.request_done(rec)
+                spec = next(requests)
+                body = self.client.body(spec)
                 due = time.perf_counter()
 
         await asyncio.gather(*(worker() for _ in range(step.concurrency or 1)))
@@ -250,12 +268,12 @@ class Runner:
         sem = asyncio.Semaphore(step.max_concurrency) if step.max_concurrency else None
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(spec: RequestSpec, rec: RequestRecord) -> None:
+        async def one(spec: RequestSpec, rec: RequestRecord, body: bytes) -> None:
             if sem is None:
-                await self.client.send(spec, rec)
+                await self.client.send(spec, rec, body)
             else:
                 async with sem:
-                    await self.client.send(spec, rec)
+                    await self.client.send(spec, rec, body)
             self.progress.request_done(rec)
 
         t0 = time.perf_counter() + 0.005
@@ -265,13 +283,15 @@ class Runner:
             warm = gate.admit(index, due)
             if warm is None:
                 break
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
             spec = next(requests)
+            body = self.client.body(spec)  # before the arrival time, not after it
+            delay = due - time.perf_counter()
+            # Behind schedule, still yield once: reading the streams in flight must not
+            # wait for the dispatcher to catch up.
+            await asyncio.sleep(max(delay, 0))
             rec = self._record(step, repeat, index, due, spec, warm)
             records.append(rec)
-            task = asyncio.get_running_loop().create_task(one(spec, rec))
+            task = asyncio.get_running_loop().create_task(one(spec, rec, body))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:

@@ -95,11 +95,14 @@ def endpoint_target(p: ServeParams) -> Target:
 
 
 @contextlib.contextmanager
-def managed_target(p: ServeParams, on_line: Callable[[str], None]) -> Iterator[Target]:
-    """Start the named engine on a free local port, yield its target, always stop it."""
+def managed_target(
+    p: ServeParams, on_line: Callable[[str], None], agent_config: Path | None = None
+) -> Iterator[Target]:
+    """Start the named engine on a free local port, yield its target, always stop it.
+    ``agent_config``: the agent's own config, for a run the agent started."""
     from kitt.bench import engines
 
-    settings = engines.agent_settings()
+    settings = engines.agent_settings(agent_config)
     specs = engines.load_engines(settings.overrides)
     assert p.engine is not None  # noqa: S101 - validated by ServeParams
     spec = engines.get_engine(specs, p.engine)
@@ -167,7 +170,7 @@ def run(
          "window": {"start_s": round(s.window[0] - outcome.origin, 6),
                     "end_s": round(s.window[1] - outcome.origin, 6),
                     "duration_s": round(s.window[1] - s.window[0], 6)},
-         "metrics": s.metrics}
+         "metrics": s.metrics, "telemetry": s.telemetry}
         for s in outcome.steps
     ]  # fmt: skip
     warnings = list(outcome.warnings)

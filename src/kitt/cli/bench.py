@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -15,6 +15,10 @@ from rich.console import Console
 from kitt.bench.params import ServeParams, load_params
 from kitt.cli.common import Duration, KittGroup, console
 from kitt.errors import ConfigError
+
+if TYPE_CHECKING:  # aiohttp and friends load only when a benchmark runs
+    from kitt.bench import serve as serving_mod
+    from kitt.bench.runner import Progress
 
 
 @click.group("bench", cls=KittGroup)
@@ -77,9 +81,11 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the result JSON here (+ .requests.jsonl beside it).")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="Plain progress lines, no bar.")
+@click.option("--agent-config", type=click.Path(dir_okay=False, path_type=Path), hidden=True,
+              help="Set by the agent: run under this agent.yaml's rules.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the result document on stdout.")
 def serve(params_file: Path | None, output: Path | None, no_progress: bool, as_json: bool,
-          **options: Any) -> None:  # fmt: skip
+          agent_config: Path | None, **options: Any) -> None:  # fmt: skip
     """Drive an OpenAI-compatible engine with streaming load and measure TTFT, TPOT, ITL,
     E2E latency, throughput and goodput (definitions: docs/metrics.md)."""
     from kitt.bench import report
@@ -89,6 +95,8 @@ def serve(params_file: Path | None, output: Path | None, no_progress: bool, as_j
         data = _read_params_file(params_file)
     data.update({k: v for k, v in options.items() if v is not None})
     params = load_params(data)
+    if agent_config is not None:
+        params = _agent_rules(params, agent_config)
     out_console = Console(stderr=True, soft_wrap=True) if as_json else console
     if not out_console.is_terminal:
         out_console.width = max(out_console.width, 140)  # a log or a pipe: no squeezed table
@@ -96,14 +104,14 @@ def serve(params_file: Path | None, output: Path | None, no_progress: bool, as_j
     progress = report.BarProgress(out_console) if interactive else report.LineProgress(out_console)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        outcome = _run(params, progress, output, out_console)
+        outcome = _run(params, progress, output, out_console, agent_config)
     except KeyboardInterrupt:
         progress.close()
         out_console.print("interrupted: the run was stopped (any engine it started is stopped)")
         sys.exit(130)
     finally:
+        progress.close()  # also on an error: the live display must not outlive the run
         signal.signal(signal.SIGTERM, previous)
-    progress.close()
     doc = outcome.document
     if as_json:
         click.echo(json.dumps(doc, indent=2))
@@ -125,22 +133,39 @@ def serving_escape(text: str) -> str:
     return escape(text)
 
 
-def _run(params: ServeParams, progress: Any, output: Path | None, out: Console) -> Any:
+def _agent_rules(params: ServeParams, agent_config: Path) -> ServeParams:
+    """A run the agent started for the server: the agent's config must be there, and its
+    rules hold again here (the agent checked them when it accepted the test)."""
+    from kitt.agent.config import load_config
+    from kitt.bench.params import agent_policy
+
+    config = load_config(agent_config)  # missing or broken: a clear ConfigError
+    return agent_policy(params, config.datasets_dir, config.allowed_endpoints)
+
+
+def _run(
+    params: ServeParams, progress: Progress, output: Path | None, out: Console,
+    agent_config: Path | None,
+) -> serving_mod.Outcome:  # fmt: skip
     from kitt.bench import serve as serving
 
-    key = serving.api_key_from_env()
+    # An API key from this machine's environment goes only where its user pointed the
+    # benchmark, never to an endpoint named over the network.
+    key = serving.api_key_from_env() if agent_config is None else None
     dataset = serving.build_dataset(params)  # a bad file fails before any engine starts
     if params.engine is None:
         target = serving.endpoint_target(params)
         return serving.run(params, target, progress, output, api_key=key, dataset=dataset)
 
     def engine_line(line: str) -> None:
-        out.print(serving_escape(line), highlight=False)
+        # Plain writes: a chatty engine must not cost the load generator rich rendering.
+        out.file.write(line + "\n")
+        out.file.flush()
 
     out.print(
         f"starting engine {serving_escape(params.engine)} with {serving_escape(params.model)}"
     )
-    with serving.managed_target(params, engine_line) as target:
+    with serving.managed_target(params, engine_line, agent_config) as target:
         out.print(f"engine ready at {target.endpoint} (model {serving_escape(target.model)})")
         return serving.run(params, target, progress, output, api_key=key, dataset=dataset)
 

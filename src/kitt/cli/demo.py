@@ -78,7 +78,7 @@ def _prepare_engine(slots: int) -> tuple[Path, Path, list[str]]:
     # for every slot's prompt and output.
     argv = ["{binary}", "-m", "{model}", "--host", "{host}", "--port", "{port}",
             "--alias", "{model_name}", "--metrics", "-np", str(slots),
-            "-c", str(slots * 512), "-t", "1"]  # fmt: skip
+            "-c", str(slots * 1024), "-t", "1"]  # fmt: skip
     return binary, model, argv
 
 
@@ -160,7 +160,7 @@ def _run(
     from kitt.bench import report
     from kitt.fleet_client import connect, resolve_server_url
     from kitt.paths import AgentPaths
-    from kitt.protocol import TERMINAL_STATUSES, TestRequest
+    from kitt.protocol import SERVING_BENCHMARK, TERMINAL_STATUSES, TestRequest
 
     console.print("starting the server (SQLite, loopback) …")
     _kitt("server", "start", "--port", "0")
@@ -179,7 +179,7 @@ def _run(
         _kitt("agent", "start")
         _wait_online(fleet, DEMO_AGENT)
         request = TestRequest(
-            agent=DEMO_AGENT, benchmark="serving",
+            agent=DEMO_AGENT, benchmark=SERVING_BENCHMARK,
             engine=ENGINE if engine_cfg is not None else None,
             model=Path(engine_cfg["model"]).name if engine_cfg is not None else model,
             params=params,

@@ -634,9 +634,13 @@ def csv_rows(result: ResultDetail) -> Iterable[dict[str, Any]]:
 
 
 def _csv_value(value: Any) -> Any:
-    """Whole numbers without ``.0`` (counts read as counts), missing values empty."""
+    """Whole numbers without ``.0`` (counts read as counts), missing values empty, and text
+    that a spreadsheet would run as a formula (a model or host name from an agent starting
+    with ``=``, ``+``, ``-``, ``@``) defused with a leading quote (OWASP CSV injection)."""
     if value is None:
         return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value

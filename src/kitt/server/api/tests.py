@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from kitt import sse
 from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
-from kitt.protocol import ANY_AGENT, TERMINAL_STATUSES, TestInfo, TestRequest
+from kitt.protocol import ANY_AGENT, SERVING_BENCHMARK, TERMINAL_STATUSES, TestInfo, TestRequest
 from kitt.server.auth import require_admin
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
@@ -45,16 +45,13 @@ def info(test: TestRun) -> TestInfo:
     return TestInfo.model_validate(test, from_attributes=True)
 
 
-SERVING = "serving"  # the built-in benchmark (kitt bench serve on the agent)
-
-
 def _offers(agent: Agent, benchmark: str, engine: str | None = None) -> bool:
     """The agent advertises the benchmark, and for the built-in ``serving`` benchmark the
     engine it must start: agents list those as ``engine:<name>`` capabilities. (A custom
     benchmark gets ``engine`` as a plain label, as before.)"""
     if benchmark not in agent.capabilities:
         return False
-    if engine is None or benchmark != SERVING:
+    if engine is None or benchmark != SERVING_BENCHMARK:
         return True
     return f"engine:{engine}" in agent.capabilities
 
