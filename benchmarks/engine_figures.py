@@ -16,7 +16,7 @@ Three figures:
    share the CPUs, so a degraded step's latencies include the client's own delay.
 
 Both runs start llama-server with the same argv (the one ``kitt demo`` uses: one slot
-per concurrent request, 512 tokens of context each, one thread): the direct run reads it
+per concurrent request, 1,024 tokens of context each, one thread): the direct run reads it
 from an agent.yaml in its own temporary KITT_HOME, the agent from its agent.yaml. The
 load average is printed at the start and end of each part: other work on the machine
 moves these numbers more than the fleet does.
@@ -92,9 +92,9 @@ def kitt(env: dict[str, str], *args: str, timeout: float = 120) -> str:
 
 def engine_override(binary: Path, model: Path, slots: int) -> dict[str, Any]:
     """What both runs put in agent.yaml: kitt demo's llama-server argv, and the models folder."""
-    argv = ["{binary}", "-m", "{model}", "--host", "{host}", "--port", "{port}",
-            "--alias", "{model_name}", "--metrics", "-np", str(slots),
-            "-c", str(slots * 512), "-t", "1"]  # fmt: skip
+    from kitt.cli.demo import demo_engine_argv
+
+    argv = demo_engine_argv(slots)
     return {
         "models_dir": str(model.parent),
         "engines": {ENGINE: {"binary": str(binary), "argv": argv}},

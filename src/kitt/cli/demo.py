@@ -74,12 +74,15 @@ def _prepare_engine(slots: int) -> tuple[Path, Path, list[str]]:
 
         binary = llamacpp.ensure_llama_server(log=progress)
     model = tiny_model.ensure_demo_model()
-    # One llama.cpp slot per concurrent request; one thread (a busy small box); context
-    # for every slot's prompt and output.
-    argv = ["{binary}", "-m", "{model}", "--host", "{host}", "--port", "{port}",
+    return binary, model, demo_engine_argv(slots)
+
+
+def demo_engine_argv(slots: int) -> list[str]:
+    """llama-server as the demo runs it: one slot per concurrent request, 1,024 tokens of
+    context for each slot's prompt and output, one thread (a small, busy box)."""
+    return ["{binary}", "-m", "{model}", "--host", "{host}", "--port", "{port}",
             "--alias", "{model_name}", "--metrics", "-np", str(slots),
             "-c", str(slots * 1024), "-t", "1"]  # fmt: skip
-    return binary, model, argv
 
 
 @click.command("demo")
