@@ -294,7 +294,7 @@ def test_import_list_show_compare_export_delete(kitt: Kitt, tmp_path: Path) -> N
         if line.startswith("c=16 #") and "concurrency" in line
     ]
     assert [(s[1], s[5], s[6]) for s in step_lines] == [
-        ("#0", "1190", "78.0"), ("#1", "1200", "82.0"), ("#2", "1210", "86.0")]  # fmt: skip
+        ("#1", "1190", "78.0"), ("#2", "1200", "82.0"), ("#3", "1210", "86.0")]  # fmt: skip
     assert all(s[-1] == "1/200" for s in step_lines)
     shown_c = run_ok(kitt, "results", "show", ids["c"])
     assert "telemetry: not available (no NVIDIA GPU (NVML library not found))" in shown_c
@@ -483,9 +483,9 @@ def test_a_real_bench_serve_document_round_trips(kitt: Kitt, tmp_path: Path) -> 
     assert row["best_output_token_throughput"] == summary["best_output_token_throughput"] > 0
     assert run_json(kitt, "results", "show", result_id)["document"] == document
     shown = run_ok(kitt, "results", "show", result_id)
-    assert "c=4 #1" in shown and "GPU telemetry per step" in shown
+    assert "c=4 #2" in shown and "GPU telemetry per step" in shown
     gpu_table = shown.split("GPU telemetry per step", 1)[1].splitlines()
-    telemetry_rows = [line.split() for line in gpu_table if line.startswith("c=4 #0 ")]
+    telemetry_rows = [line.split() for line in gpu_table if line.startswith("c=4 #1 ")]
     # step, #, GPU index, util mean, util max: each GPU's own readings.
     assert [row[2:5] for row in telemetry_rows] == [["0", "90.0", "90.0"], ["1", "10.0", "10.0"]]
     # Against itself: no change, and the repeats make the noise known.

@@ -161,9 +161,10 @@ def summary_table(doc: dict[str, Any], width: int = 200) -> Table:
     for i in keep:
         col = cols[i]
         table.add_column(col, justify="left" if col == "step" else "right", no_wrap=True)
+    repeated = any(s["repeat_index"] for s in doc["steps"])
     for s in doc["steps"]:
         m = s["metrics"]
-        name = s["name"] if not s["repeat_index"] else f"{s['name']} #{s['repeat_index'] + 1}"
+        name = f"{s['name']} #{s['repeat_index'] + 1}" if repeated else s["name"]
         if (m.get("client") or {}).get("degraded"):
             name += " ⚠"
         row = [escape(name), _num(m["request_throughput"]), _num(m["output_token_throughput"]),

@@ -457,10 +457,11 @@ def _print_steps(doc: dict[str, Any]) -> None:
 
 
 def _step_label(step: dict[str, Any], repeated: bool) -> str:
-    """The step's name, and which run of it when the document has several."""
+    """The step's name, and which run of it (1-based, as `kitt bench serve` prints it) when
+    the document has several."""
     name = text(step.get("name"))
     index = number(step.get("repeat_index"))
-    return f"{name} #{index:.0f}" if repeated and index is not None else name
+    return f"{name} #{index + 1:.0f}" if repeated and index is not None else name
 
 
 def _print_repeats(doc: dict[str, Any]) -> None:
