@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from conftest import FAKE_NVML_DIR, free_port, wait_for
 
@@ -287,3 +288,33 @@ def test_gpu_telemetry_is_aligned_to_each_step(tmp_path: Path, sim_factory: Any)
     assert len(series) >= 2 * 30 and doc["files"]["telemetry"] == "result.telemetry.jsonl"
     assert "J/tok" in bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--num-prompts",
                             "3", "--output-len", "4", fake_nvml=gpus).stdout  # fmt: skip
+
+
+def test_engine_args_only_where_the_agent_allows_them(tmp_path: Path) -> None:
+    fake = REPO / "tests" / "fake_engine.py"
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def configure(allow: bool) -> None:
+        (home / "agent.yaml").write_text(yaml.safe_dump({
+            "name": "gpu-01", "server_url": "http://127.0.0.1:1", "models_dir": str(tmp_path),
+            "engines": {"fake": {
+                "binary": sys.executable, "model_kind": "file", "allow_args": allow,
+                "argv": ["{binary}", str(fake), "--host", "{host}", "--port", "{port}",
+                         "--model", "{model}"]}},
+        }))  # fmt: skip
+
+    args = ("--engine", "fake", "--model", model.name, "--num-prompts", "1", "--no-calibrate",
+            "--engine-args", "--max-num-seqs 64 '$(id)'")  # fmt: skip
+    configure(allow=False)
+    refused = bench(tmp_path, *args, check=False)
+    assert refused.returncode == 1
+    assert "does not accept engine_args on this agent" in refused.stderr
+    configure(allow=True)
+    ran = bench(tmp_path, *args, check=False)
+    # The fake engine has no completions API, so the run fails, but after starting the engine
+    # with the extra arguments as separate argv items (no shell expanded "$(id)").
+    assert 'extra=["--max-num-seqs", "64", "$(id)"]' in ran.stdout, ran.stdout + ran.stderr
+    assert "every request failed" in ran.stderr

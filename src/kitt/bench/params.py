@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -109,6 +110,23 @@ class ServeParams(BaseModel):
     max_connections: int = Field(default=0, ge=0, le=100_000)
     telemetry_interval_s: float = Field(default=1.0, ge=0.1, le=60)
     engine_timeout_s: float | None = Field(default=None, gt=0, le=7200)
+    # Extra engine arguments (shell-style quoting, split here, never run by a shell); the
+    # agent accepts them only for engines its agent.yaml marks `allow_args: true`.
+    engine_args: str | None = Field(default=None, max_length=4096)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                shlex.split(value)
+            except ValueError as exc:
+                raise ValueError(f"cannot split engine_args: {exc}") from None
+        return value
+
+    @property
+    def engine_argv(self) -> list[str]:
+        return shlex.split(self.engine_args) if self.engine_args else []
 
     @field_validator("concurrency", "rate", mode="before")
     @classmethod

@@ -109,7 +109,7 @@ def managed_target(
     model_path = engines.resolve_model(
         spec, p.model, settings.models_dir, allow_any_path=settings.allow_any_model_path
     )
-    with engines.EngineProcess(spec, model_path, on_line=on_line,
+    with engines.EngineProcess(spec, model_path, on_line=on_line, engine_args=p.engine_argv,
                                startup_timeout_s=p.engine_timeout_s) as proc:  # fmt: skip
         # The name the engine was told to serve (--alias / --served-model-name); for Ollama,
         # whose model list holds every pulled model, the tag asked for.

@@ -74,6 +74,8 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--max-connections", type=int, help="Connection pool limit (0 = unlimited).")
 @click.option("--telemetry-interval", "telemetry_interval_s", type=Duration(),
               help="GPU sampling interval (1s; >= 100ms).")  # fmt: skip
+@click.option("--engine-args", help="Extra engine arguments, e.g. '--max-num-seqs 64' "
+              "(engines with allow_args: true in agent.yaml).")  # fmt: skip
 @click.option("--engine-timeout", "engine_timeout_s", type=Duration(),
               help="Wait this long for a started engine to be healthy.")  # fmt: skip
 @click.option("--params-file", type=click.Path(dir_okay=False, path_type=Path),
