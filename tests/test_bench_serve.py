@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -318,3 +319,35 @@ def test_engine_args_only_where_the_agent_allows_them(tmp_path: Path) -> None:
     # with the extra arguments as separate argv items (no shell expanded "$(id)").
     assert 'extra=["--max-num-seqs", "64", "$(id)"]' in ran.stdout, ran.stdout + ran.stderr
     assert "every request failed" in ran.stderr
+
+
+def test_an_interrupted_run_keeps_the_steps_it_finished(tmp_path: Path, sim_factory: Any) -> None:
+    sim = sim_factory("--ttft-ms", "2", "--itl-ms", "1")
+    out = tmp_path / "r" / "result.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KITT_")}
+    env.update(KITT_HOME=str(tmp_path / "home"),
+               PYTHONPATH=os.pathsep.join([str(FAKE_NVML_DIR), str(REPO / "src")]))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kitt", "bench", "serve", "--no-progress", "--endpoint", sim.url,
+         "--model", "sim", "--concurrency", "1,2,4", "--duration", "1s", "--output-len", "8",
+         "-o", str(out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    partial = tmp_path / "r" / "result.partial.json"
+    try:
+        wait_for(partial.exists, timeout=60, what="the first step's partial result")
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what a cancelled test or systemd sends
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "interrupted" in output and "Traceback" not in output
+    doc = load(partial)
+    assert doc["partial"] is True and doc["steps"][0]["name"] == "c=1"
+    assert len(doc["steps"]) < 3 and not out.exists()
+    lines = (tmp_path / "r" / "result.partial.requests.jsonl").read_text().splitlines()
+    assert {json.loads(x)["step"] for x in lines} == {s["name"] for s in doc["steps"]}
+    # A complete run replaces the partial files with the result.
+    bench(tmp_path, "--endpoint", sim.url, "--model", "sim", "--num-prompts", "3",
+          "--output-len", "4", "-o", str(out))  # fmt: skip
+    assert out.exists() and not partial.exists()
+    assert not (tmp_path / "r" / "result.partial.requests.jsonl").exists()

@@ -146,8 +146,12 @@ def write(
         written["telemetry"] = series_path
         doc["telemetry"]["series_file"] = series_path.name
     doc["files"] = {k: v.name for k, v in written.items() if k != "result"}
-    _atomic_lines(path, [json.dumps(doc, indent=2)])
+    write_json(path, doc)
     return written
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    _atomic_lines(path, [json.dumps(doc, indent=2)])
 
 
 def _atomic_lines(path: Path, lines: Iterable[str]) -> None:

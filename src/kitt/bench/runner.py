@@ -95,6 +95,7 @@ class Runner:
         dataset: Any,
         progress: Progress,
         on_window: Callable[[StepResult], dict[str, Any] | None] | None = None,
+        on_step: Callable[[StepResult, list[StepResult], float], None] | None = None,
     ) -> None:
         self.params = params
         self.client = client
@@ -102,21 +103,28 @@ class Runner:
         self.progress = progress
         self.slo: Slo = params.slo_targets()
         self.on_window = on_window  # telemetry for a step's window, added to its result
+        self.on_step = on_step  # (the step, every step so far, the run's origin)
         self._stream = 0
+        self.calibration: dict[str, Any] | None = None
+        self.warnings: list[str] = []
+        self._done: list[StepResult] = []
+        self._origin = 0.0
 
     # -- the whole run -----------------------------------------------------------------------
 
     async def run(self) -> RunOutcome:
-        outcome = RunOutcome(origin=time.perf_counter())
+        outcome = RunOutcome(origin=time.perf_counter(), steps=self._done,
+                             warnings=self.warnings)  # fmt: skip
+        self._origin = outcome.origin
         if self.params.calibrate and isinstance(self.dataset, Synthetic):
-            outcome.calibration = await self.calibrate(outcome.warnings)
+            self.calibration = outcome.calibration = await self.calibrate(outcome.warnings)
         steps = self._planned_steps()
         for repeat in range(self.params.repeat):
             if self.params.mode == "sweep":
-                await self._sweep(repeat, outcome, steps)
+                await self._sweep(repeat, steps)
             else:
                 for step in steps:
-                    outcome.steps.append(await self.run_step(step, repeat))
+                    await self.run_step(step, repeat)
         return outcome
 
     def _planned_steps(self) -> list[Step]:
@@ -127,14 +135,13 @@ class Runner:
             return [profiles.open_loop(r, p.arrival, p.max_concurrency) for r in p.rate_levels]
         return [profiles.closed(1, "sync")]
 
-    async def _sweep(self, repeat: int, outcome: RunOutcome, planned: list[Step]) -> None:
+    async def _sweep(self, repeat: int, planned: list[Step]) -> None:
         """sync → max throughput → rates in between; the rates found by the first repeat
         are reused so repeats stay comparable step by step."""
         sync = await self.run_step(profiles.closed(1, "sync"), repeat)
         peak = await self.run_step(
             profiles.closed(self.params.sweep_max_concurrency, "throughput"), repeat
         )
-        outcome.steps += [sync, peak]
         if repeat == 0:
             low = sync.metrics["request_throughput"]
             high = peak.metrics["request_throughput"]
@@ -154,7 +161,7 @@ class Runner:
                 + ", ".join(f"{r:g}" for r in rates)
             )
         for step in planned:
-            outcome.steps.append(await self.run_step(step, repeat))
+            await self.run_step(step, repeat)
 
     # -- input length calibration ------------------------------------------------------------
 
@@ -220,6 +227,9 @@ class Runner:
         if self.on_window is not None:
             result.telemetry = self.on_window(result)
         self.progress.step_finished(step, metrics)
+        self._done.append(result)
+        if self.on_step is not None:
+            self.on_step(result, self._done, self._origin)
         return result
 
     def _warmup(self, step: Step) -> tuple[int, float | None]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from kitt.bench.datasets import FileDataset, LengthDist, Synthetic
 from kitt.bench.gpu import GpuSampler
 from kitt.bench.params import ServeParams
 from kitt.bench.records import RequestRecord
-from kitt.bench.result import document, hardware, now_iso, write
+from kitt.bench.result import document, hardware, now_iso, sidecar, write, write_json
 from kitt.bench.runner import Progress, Runner, StepResult
 from kitt.errors import KittError
 
@@ -151,12 +153,55 @@ def run(
         max_connections=p.max_connections, api_key=api_key,
     )  # fmt: skip
 
+    config = p.model_dump(mode="json")
+    config["endpoint"] = target.endpoint
+    config["served_model"] = target.model
+    config["mode"] = p.mode
+    config["slo"] = p.slo_targets().as_json()
+    config["ignore_eos"], config["min_tokens"] = target.ignore_eos, target.min_tokens
+    facts = hardware()
+    partial = PartialWriter(output) if output is not None else None
+
+    def assemble(done: list[StepResult], origin: float, extra: list[str]) -> dict[str, Any]:
+        config["data"] = dataset.describe()  # after calibration: words per token known
+        steps = [_step_json(s, origin) for s in done]
+        warnings = list(extra)
+        if client.fresh_connections:
+            warnings.append(
+                "the engine closed idle keep-alive connections: the client switched to one "
+                "connection per request (each request pays a TCP connect, ~0.1 ms on loopback)"
+            )
+        for s in steps:
+            for w in s["metrics"]["token_check"]["warnings"]:
+                warnings.append(f"{s['name']}: {w}")
+            fidelity = s["metrics"]["client"]
+            if fidelity["degraded"]:
+                warnings.append(f"{s['name']}: client fidelity degraded: "
+                                + "; ".join(fidelity["reasons"]))  # fmt: skip
+        return document(
+            config=config, engine=target.engine, hardware_facts=facts, steps=steps,
+            telemetry=sampler.info(), warnings=warnings, started_at=started,
+            finished_at=now_iso(), calibration=runner.calibration,
+        )  # fmt: skip
+
+    def step_done(step: StepResult, done: list[StepResult], origin: float) -> None:
+        # A long sweep that is interrupted keeps what it measured: result.partial.json and
+        # its requests, rewritten after every step (the complete result replaces them).
+        if partial is not None:
+            partial.add(step, assemble(done, origin, runner.warnings), origin)
+
+    runner = Runner(p, client, dataset, progress, window_telemetry, on_step=step_done)
+
     async def main() -> Any:
-        async with client:
-            return await Runner(p, client, dataset, progress, window_telemetry).run()
+        with _signals_cancel(asyncio.current_task()):
+            async with client:
+                return await runner.run()
 
     try:
         outcome = asyncio.run(main())
+    except asyncio.CancelledError:
+        sampler.close()
+        raise KeyboardInterrupt from None  # SIGTERM/SIGINT: the caller's clean-stop path
     except BaseException:
         sampler.close()
         raise
@@ -165,40 +210,7 @@ def run(
     if not any(r.ok for r in records):
         first = next((r.error for r in records if r.error), "no request was sent")
         raise BenchError(f"every request failed; the first error: {first}")
-    steps = [
-        {"name": s.step.name, "load": s.step.as_json(), "repeat_index": s.repeat_index,
-         "window": {"start_s": round(s.window[0] - outcome.origin, 6),
-                    "end_s": round(s.window[1] - outcome.origin, 6),
-                    "duration_s": round(s.window[1] - s.window[0], 6)},
-         "metrics": s.metrics, "telemetry": s.telemetry}
-        for s in outcome.steps
-    ]  # fmt: skip
-    warnings = list(outcome.warnings)
-    if client.fresh_connections:
-        warnings.append(
-            "the engine closed idle keep-alive connections: the client switched to one "
-            "connection per request (each request pays a TCP connect, ~0.1 ms on loopback)"
-        )
-    for s in steps:
-        for w in s["metrics"]["token_check"]["warnings"]:
-            warnings.append(f"{s['name']}: {w}")
-        client_fid = s["metrics"]["client"]
-        if client_fid["degraded"]:
-            warnings.append(f"{s['name']}: client fidelity degraded: "
-                            + "; ".join(client_fid["reasons"]))  # fmt: skip
-    config = p.model_dump(mode="json")
-    config["endpoint"] = target.endpoint
-    config["served_model"] = target.model
-    config["mode"] = p.mode
-    config["data"] = dataset.describe()
-    config["slo"] = p.slo_targets().as_json()
-    config["ignore_eos"], config["min_tokens"] = target.ignore_eos, target.min_tokens
-    telemetry = sampler.info()
-    doc = document(
-        config=config, engine=target.engine, hardware_facts=hardware(), steps=steps,
-        telemetry=telemetry, warnings=warnings, started_at=started, finished_at=now_iso(),
-        calibration=outcome.calibration,
-    )  # fmt: skip
+    doc = assemble(outcome.steps, outcome.origin, outcome.warnings)
     files: dict[str, Path] = {}
     if output is not None:
         series = None
@@ -208,8 +220,62 @@ def run(
                 return sampler.write_series(path, t0=outcome.origin)
 
         files = write(output, doc, records, outcome.origin, series)
+        if partial is not None:
+            partial.remove()
     sampler.close()
     return Outcome(doc, records, outcome.origin, files)
+
+
+@contextlib.contextmanager
+def _signals_cancel(task: asyncio.Task[Any] | None) -> Iterator[None]:
+    """While the event loop runs, SIGTERM/SIGINT cancel the run's task — a signal handler
+    that raised inside the loop would land in whichever callback was running, leaving
+    half-cancelled tasks behind. The previous handlers are put back afterwards."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    if task is not None:
+        for sig in signals:
+            loop.add_signal_handler(sig, task.cancel)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, previous[sig])
+
+
+def _step_json(s: StepResult, origin: float) -> dict[str, Any]:
+    return {
+        "name": s.step.name, "load": s.step.as_json(), "repeat_index": s.repeat_index,
+        "window": {"start_s": round(s.window[0] - origin, 6),
+                   "end_s": round(s.window[1] - origin, 6),
+                   "duration_s": round(s.window[1] - s.window[0], 6)},
+        "metrics": s.metrics, "telemetry": s.telemetry,
+    }  # fmt: skip
+
+
+class PartialWriter:
+    """``result.partial.json`` (the document so far, ``"partial": true``) and
+    ``result.partial.requests.jsonl`` (appended step by step)."""
+
+    def __init__(self, output: Path) -> None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.doc_path = sidecar(output, "partial.json")
+        self.requests_path = sidecar(output, "partial.requests.jsonl")
+        self.requests_path.unlink(missing_ok=True)
+
+    def add(self, step: StepResult, doc: dict[str, Any], origin: float) -> None:
+        with self.requests_path.open("a", encoding="utf-8") as fh:
+            for rec in step.records:
+                fh.write(json.dumps(rec.as_json(origin)) + "\n")
+        doc["partial"] = True
+        doc["files"] = {"requests": self.requests_path.name}
+        write_json(self.doc_path, doc)
+
+    def remove(self) -> None:
+        self.doc_path.unlink(missing_ok=True)
+        self.requests_path.unlink(missing_ok=True)
 
 
 def api_key_from_env() -> str | None:
