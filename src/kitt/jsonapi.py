@@ -71,6 +71,21 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter in [low, high]; absent: ``default``; anything else
+    (empty included, as the OpenAPI schemas say integer) is a 400 naming it."""
+    if name not in request.args:
+        return default
+    text = request.args[name]
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiFailure(400, f"'{name}' must be an integer, got {text[:40]!r}") from None
+    if not low <= value <= high:
+        raise ApiFailure(400, f"'{name}' must be between {low} and {high}")
+    return value
+
+
 def dump(model: BaseModel, status: int = 200) -> tuple[Response, int]:
     return Response(model.model_dump_json(), mimetype="application/json"), status
 

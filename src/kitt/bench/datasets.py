@@ -14,7 +14,6 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +109,6 @@ class Synthetic:
         self.words_per_token = words_per_token
         self.overhead_tokens = overhead_tokens
 
-    def requests(self, count: int, stream: int = 0) -> list[RequestSpec]:
-        return list(islice(self.stream(stream), count))
-
     def stream(self, stream: int = 0) -> Iterator[RequestSpec]:
         """An endless seeded sequence; ``stream`` picks an independent one (per step)."""
         rng = random.Random(f"{self.seed}:{stream}")
@@ -146,9 +142,6 @@ class FileDataset:
         self.items = _load(path)
         if not self.items:
             raise DatasetError(f"{path}: no usable prompts in the file")
-
-    def requests(self, count: int, stream: int = 0) -> list[RequestSpec]:
-        return list(islice(self.stream(stream), count))
 
     def stream(self, stream: int = 0) -> Iterator[RequestSpec]:
         """File order, wrapping around; each ``stream`` starts at its own offset so that

@@ -299,14 +299,6 @@ def agent_settings(config_path: Path | None = None) -> AgentEngineSettings:
     return AgentEngineSettings(config.engines, config.models_dir, config.allow_any_model_path)
 
 
-def agent_overrides() -> Mapping[str, EngineOverride]:
-    return agent_settings().overrides
-
-
-def agent_models_dir() -> Path | None:
-    return agent_settings().models_dir
-
-
 def get_engine(specs: Mapping[str, EngineSpec], name: str) -> EngineSpec:
     spec = specs.get(name)
     if spec is None:

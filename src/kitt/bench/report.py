@@ -25,14 +25,6 @@ from kitt.bench.records import RequestRecord
 LINE_EVERY_S = 5.0
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
 def _num(value: Any) -> str:
     """Compact: 3 significant-ish digits, so the table fits an 80-column terminal."""
     if value is None:
@@ -52,9 +44,9 @@ def step_line(name: str, m: dict[str, Any]) -> str:
         "degraded") else ""  # fmt: skip
     return (
         f"{name}: {m['completed']}/{m['requests']} ok, {m['request_throughput']:.2f} req/s, "
-        f"{m['output_token_throughput']:.1f} out tok/s, TTFT p50 {_fmt(m['ttft_ms']['p50'])} ms "
-        f"p99 {_fmt(m['ttft_ms']['p99'])} ms, TPOT p50 {_fmt(m['tpot_ms']['p50'], 2)} ms, "
-        f"ITL p50 {_fmt(m['itl_ms']['p50'], 2)} ms, errors {m['errors']}{degraded}"
+        f"{m['output_token_throughput']:.1f} out tok/s, TTFT p50 {_num(m['ttft_ms']['p50'])} ms "
+        f"p99 {_num(m['ttft_ms']['p99'])} ms, TPOT p50 {_num(m['tpot_ms']['p50'])} ms, "
+        f"ITL p50 {_num(m['itl_ms']['p50'])} ms, errors {m['errors']}{degraded}"
     )
 
 

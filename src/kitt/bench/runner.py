@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from kitt.bench import profiles
 from kitt.bench.client import StreamingClient
 from kitt.bench.datasets import WORDS, RequestSpec, Synthetic
-from kitt.bench.metrics import Slo, distribution, step_metrics
+from kitt.bench.metrics import Slo, distribution, step_metrics, window
 from kitt.bench.params import ServeParams
 from kitt.bench.profiles import Step
 from kitt.bench.records import RequestRecord
@@ -57,7 +57,6 @@ class RunOutcome:
     origin: float
     steps: list[StepResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    calibration: dict[str, Any] | None = None
 
 
 class LoopMonitor:
@@ -117,7 +116,7 @@ class Runner:
                              warnings=self.warnings)  # fmt: skip
         self._origin = outcome.origin
         if self.params.calibrate and isinstance(self.dataset, Synthetic):
-            self.calibration = outcome.calibration = await self.calibrate(outcome.warnings)
+            self.calibration = await self.calibrate(outcome.warnings)
         steps = self._planned_steps()
         for repeat in range(self.params.repeat):
             if self.params.mode == "sweep":
@@ -222,8 +221,7 @@ class Runner:
                              "than the step?)")  # fmt: skip
         metrics = step_metrics(measured, self.slo)
         metrics["client"] = fidelity(measured, lags, cpu, step)
-        start, end = min(r.scheduled for r in measured), max(r.end or 0.0 for r in measured)
-        result = StepResult(step, repeat, records, metrics, (start, end))
+        result = StepResult(step, repeat, records, metrics, window(measured))
         if self.on_window is not None:
             result.telemetry = self.on_window(result)
         self.progress.step_finished(step, metrics)

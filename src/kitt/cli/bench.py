@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from kitt.bench.params import ServeParams, load_params
 from kitt.cli.common import Duration, KittGroup, console
@@ -123,16 +124,10 @@ def serve(params_file: Path | None, output: Path | None, no_progress: bool, as_j
     if repeats is not None:
         out_console.print(repeats)
     for warning in doc["warnings"]:
-        out_console.print(f"[yellow]warning:[/yellow] {serving_escape(warning)}")
+        out_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if outcome.files:
         names = ", ".join(str(p) for p in outcome.files.values())
-        out_console.print(f"written: {serving_escape(names)}")
-
-
-def serving_escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+        out_console.print(f"written: {escape(names)}")
 
 
 def _agent_rules(params: ServeParams, agent_config: Path) -> ServeParams:
@@ -164,11 +159,9 @@ def _run(
         out.file.write(line + "\n")
         out.file.flush()
 
-    out.print(
-        f"starting engine {serving_escape(params.engine)} with {serving_escape(params.model)}"
-    )
+    out.print(f"starting engine {escape(params.engine)} with {escape(params.model)}")
     with serving.managed_target(params, engine_line, agent_config) as target:
-        out.print(f"engine ready at {target.endpoint} (model {serving_escape(target.model)})")
+        out.print(f"engine ready at {target.endpoint} (model {escape(target.model)})")
         return serving.run(params, target, progress, output, api_key=key, dataset=dataset)
 
 
@@ -191,7 +184,7 @@ def engines_cmd() -> None:
 
     from kitt.bench import engines
 
-    specs = engines.load_engines(engines.agent_overrides())
+    specs = engines.load_engines(engines.agent_settings().overrides)
     present = set(engines.available_engines(specs))
     table = Table()
     for col in ("engine", "available", "binary", "health"):
@@ -207,16 +200,16 @@ def prepare_demo() -> None:
     from kitt.bench import llamacpp, tiny_model
 
     def progress(line: str) -> None:
-        console.print(f"  {serving_escape(line)}", highlight=False)
+        console.print(f"  {escape(line)}", highlight=False)
 
     binary = llamacpp.find_llama_server()
     if binary is None:
-        console.print(f"building llama-server into {serving_escape(str(llamacpp.cache_dir()))} …")
+        console.print(f"building llama-server into {escape(str(llamacpp.cache_dir()))} …")
         binary = llamacpp.ensure_llama_server(log=progress)
-    console.print(f"llama-server: {serving_escape(str(binary))} "
-                  f"({serving_escape(llamacpp.llama_server_version(binary))})")  # fmt: skip
+    console.print(f"llama-server: {escape(str(binary))} "
+                  f"({escape(llamacpp.llama_server_version(binary))})")  # fmt: skip
     model = tiny_model.ensure_demo_model()
-    console.print(f"demo model: {serving_escape(str(model))}")
+    console.print(f"demo model: {escape(str(model))}")
 
 
 @bench.command(

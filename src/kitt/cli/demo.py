@@ -161,6 +161,7 @@ def _run(
 
     from kitt.agent.config import update_config
     from kitt.bench import report
+    from kitt.bench.engines import free_port
     from kitt.fleet_client import connect, resolve_server_url
     from kitt.paths import AgentPaths
     from kitt.protocol import SERVING_BENCHMARK, TERMINAL_STATUSES, TestRequest
@@ -171,7 +172,7 @@ def _run(
     with connect(None) as fleet:
         console.print(f"starting the agent {DEMO_AGENT} …")
         _kitt("agent", "init", "--server", server_url, "--name", DEMO_AGENT,
-              "--bind", "127.0.0.1", "--port", str(_free_port()))  # fmt: skip
+              "--bind", "127.0.0.1", "--port", str(free_port()))  # fmt: skip
         config = AgentPaths(home).config
         if engine_cfg is not None:
             model_path = Path(engine_cfg["model"])
@@ -231,14 +232,6 @@ def _run(
             f"kitt results compare {test.id} OTHER · kitt results export --format csv"
             + ("" if keep else f"  (with --keep and KITT_HOME={home})")
         )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_online(fleet: Any, name: str, timeout: float = 60.0) -> None:

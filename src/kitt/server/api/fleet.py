@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from kitt.jsonapi import ApiFailure, dump
+from kitt.jsonapi import ApiFailure, dump, int_arg
 from kitt.protocol import AgentDetail, AgentSummary, GpuSample, Hardware, HeartbeatRecord
 from kitt.server.auth import auth, require_admin
 from kitt.server.store.agents import AgentStore
@@ -96,12 +96,7 @@ def history(id_or_name: str) -> Response:
             ) from None
         if since.tzinfo is None:
             raise ApiFailure(400, "'since' must carry a time zone (e.g. 2026-11-27T09:00:00Z)")
-    try:
-        limit = int(request.args.get("limit", "1000"))
-    except ValueError:
-        raise ApiFailure(400, "'limit' must be an integer") from None
-    if not 1 <= limit <= MAX_HISTORY:
-        raise ApiFailure(400, f"'limit' must be between 1 and {MAX_HISTORY}")
+    limit = int_arg("limit", 1000, 1, MAX_HISTORY)
     rows = _store().heartbeats(agent.id, since, limit)
     records = [HeartbeatRecord.model_validate(r, from_attributes=True).model_dump(mode="json")
                for r in rows]  # fmt: skip

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from kitt.jsonapi import ApiFailure, check_id, dump, read_body
+from kitt.jsonapi import ApiFailure, check_id, dump, int_arg, read_body
 from kitt.protocol import ResultDetail, ResultImported, ResultRow
 from kitt.server.auth import require_admin
 from kitt.server.store.models import BenchResult
@@ -36,19 +36,6 @@ def row(result: BenchResult) -> ResultRow:
     return ResultRow.model_validate(result, from_attributes=True)
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    if name not in request.args:
-        return default
-    text = request.args[name]
-    try:
-        value = int(text)
-    except ValueError:
-        raise ApiFailure(400, f"'{name}' must be an integer, got {text[:40]!r}") from None
-    if not low <= value <= high:
-        raise ApiFailure(400, f"'{name}' must be between {low} and {high}")
-    return value
-
-
 def _time_arg(name: str) -> datetime | None:
     text = request.args.get(name, "")
     if text == "":
@@ -74,8 +61,8 @@ def list_results() -> Response:
         since=_time_arg("since"),
         until=_time_arg("until"),
     )
-    limit = _int_arg("limit", 50, 1, MAX_LIMIT)
-    offset = _int_arg("offset", 0, 0, MAX_OFFSET)
+    limit = int_arg("limit", 50, 1, MAX_LIMIT)
+    offset = int_arg("offset", 0, 0, MAX_OFFSET)
     found = _results().query(where, limit=limit, offset=offset)
     return jsonify(results=[row(r).model_dump(mode="json") for r in found])
 

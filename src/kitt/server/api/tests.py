@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from kitt import sse
-from kitt.jsonapi import ApiFailure, check_id, dump, parse_body
+from kitt.jsonapi import ApiFailure, check_id, dump, int_arg, parse_body
 from kitt.protocol import ANY_AGENT, SERVING_BENCHMARK, TERMINAL_STATUSES, TestInfo, TestRequest
 from kitt.server.auth import require_admin
 from kitt.server.dispatcher import Dispatcher
@@ -125,12 +125,7 @@ def list_tests() -> Response:
     status = request.args.get("status")
     if status and status not in STATUSES:
         raise ApiFailure(400, f"'status' must be one of {', '.join(STATUSES)}")
-    try:
-        limit = int(request.args.get("limit", "50"))
-    except ValueError:
-        raise ApiFailure(400, "'limit' must be an integer") from None
-    if not 1 <= limit <= 1000:
-        raise ApiFailure(400, "'limit' must be between 1 and 1000")
+    limit = int_arg("limit", 50, 1, 1000)
     tests = _tests().query(status=status, agent=request.args.get("agent"), limit=limit)
     return jsonify(tests=[info(t).model_dump(mode="json") for t in tests])
 
