@@ -346,11 +346,13 @@ def _run_cases(
         report.sent[label] += 1
         report.statuses[(label, status)] += 1
         curl = _shorten(case.as_curl_command(headers=headers, base_url=base_url))
-        report.examples.setdefault((label, status), f"{curl}\n      -> {response.text[:300]}")
-        if not UNROUTED.search(response.text):
+        # Some replies are binary (the agent wheel): read every body leniently.
+        text = response.content.decode("utf-8", "replace")
+        report.examples.setdefault((label, status), f"{curl}\n      -> {text[:300]}")
+        if not UNROUTED.search(text):
             report.routed.add(label)
         if status >= 500:
-            report.server_errors.setdefault((label, status), f"{curl}\n  -> {response.text[:500]}")
+            report.server_errors.setdefault((label, status), f"{curl}\n  -> {text[:500]}")
         try:
             case.validate_response(
                 response,
@@ -361,7 +363,7 @@ def _run_cases(
         except FailureGroup as group:
             for failure in group.exceptions:
                 check = _check_name(failure)
-                reason = target.tolerate(check, case, status, response.text)
+                reason = target.tolerate(check, case, status, text)
                 if reason is not None:
                     report.tolerated[(check, label, reason)] += 1
                     continue

@@ -246,3 +246,20 @@ def test_refresh_never_forgets_work_woken_during_its_query(tmp_path: Path) -> No
     dispatcher.refresh(agent)  # nothing pending when it queries; a submit lands meanwhile
     commands = dispatcher.for_heartbeat(agent, "idle")
     assert [c["type"] for c in commands] == ["run_test"]
+
+
+@pytest.mark.parametrize(
+    ("text", "unit"),
+    [
+        ("0::/system.slice/kitt-agent.service\n", "kitt-agent.service"),
+        ("12:pids:/system.slice/kitt-agent@gpu1.service\n", "kitt-agent@gpu1.service"),
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.scope\n", None),
+        ("0::/user.slice/user-1000.slice/user@1000.service\n", None),
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", None),
+        ("0::/\n", None),
+    ],
+)
+def test_systemd_unit_from_cgroup(text: str, unit: str | None) -> None:
+    from kitt.agent.upgrade import unit_in_cgroup
+
+    assert unit_in_cgroup(text) == unit

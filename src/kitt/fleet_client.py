@@ -21,6 +21,8 @@ from kitt.http import TlsFiles, build_client, error_message
 from kitt.paths import ServerPaths, agent_paths, write_private
 from kitt.protocol import (
     AgentDetail,
+    AgentPackageInfo,
+    AgentSettingsView,
     AgentSummary,
     HeartbeatRecord,
     ResultDetail,
@@ -169,6 +171,18 @@ class FleetClient:
         body: Any = self._api.json("GET", f"/api/v1/agents/{id_or_name}/heartbeats?limit={limit}")
         return [HeartbeatRecord.model_validate(h) for h in body["heartbeats"]]
 
+    def agent_settings(self, id_or_name: str) -> AgentSettingsView:
+        return self._api.call("GET", f"/api/v1/agents/{id_or_name}/settings", AgentSettingsView)
+
+    def set_agent_settings(self, id_or_name: str, changes: dict[str, Any]) -> AgentSettingsView:
+        """Set the given keys (``None``: back to the default); the rest stay as they are."""
+        path = f"/api/v1/agents/{id_or_name}/settings"
+        response = self._api.request("PATCH", path, json_body=changes)
+        try:
+            return AgentSettingsView.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise ServerError(f"unexpected answer to the settings change: {exc}") from exc
+
     def submit(self, request: TestRequest) -> TestInfo:
         return self._api.call("POST", "/api/v1/tests", TestInfo, request)
 
@@ -221,6 +235,12 @@ class FleetClient:
     def revoke(self, id_or_name: str) -> dict[str, Any]:
         body: dict[str, Any] = self._api.json("POST", f"/api/v1/agents/{id_or_name}/revoke")
         return body
+
+    def agent_package(self) -> AgentPackageInfo:
+        return self._api.call("GET", "/api/v1/agent/package.json", AgentPackageInfo)
+
+    def ca_pem(self) -> bytes:
+        return self._api.request("GET", "/api/v1/ca.pem").content
 
     def create_token(self, request: TokenCreate) -> TokenCreated:
         return self._api.call("POST", "/api/v1/tokens", TokenCreated, request)

@@ -64,6 +64,15 @@ class AgentPaths:
         return self.certs / "agent-key.pem"
 
     @property
+    def venv_link(self) -> Path:
+        """``agent-venv``: a link to the installed venv in ``agent-venvs/`` now in use."""
+        return self.home / "agent-venv"
+
+    @property
+    def venvs(self) -> Path:
+        return self.home / "agent-venvs"
+
+    @property
     def login(self) -> Path:
         """Tokens saved by `kitt login URL` for remote servers (0600)."""
         return self.home / "login.json"
@@ -101,6 +110,16 @@ class ServerPaths:
     @property
     def certs(self) -> Path:
         return self.data_dir / "certs"
+
+    @property
+    def packages(self) -> Path:
+        """The agent wheel the server built of itself, served to installers."""
+        return self.data_dir / "packages"
+
+    @property
+    def wheelhouse(self) -> Path:
+        """Dependency wheels for agents without PyPI (``kitt server wheelhouse``)."""
+        return self.data_dir / "wheelhouse"
 
 
 def agent_paths() -> AgentPaths:

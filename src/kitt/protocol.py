@@ -8,6 +8,7 @@ newer agent can talk to an older server (and the reverse) without a lockstep upg
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -56,6 +57,21 @@ class Health(WireModel):
     version: str
 
 
+class AgentPackageInfo(WireModel):
+    """``GET /api/v1/agent/package.json``: what the installer and ``kitt-agent update``
+    download, and the SHA-256 they must find before installing it."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    size: JsonInt
+    server_version: str
+    server_url: str
+    wheelhouse: bool
+    install_sh_sha256: str
+
+
 class GpuStatic(WireModel):
     index: JsonInt = Field(ge=0)
     name: ShortText
@@ -96,6 +112,8 @@ class RegisterResponse(WireModel):
     agent_id: Id
     heartbeat_interval_s: float
     token: str | None = None
+    # The agent's settings pushed by the server (see AgentSettings), applied at once.
+    settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class GpuSample(WireModel):
@@ -142,6 +160,8 @@ class AgentStatusReport(WireModel):
     last_heartbeat_ok: datetime | None
     last_error: str | None = None
     pid: int
+    # Settings in force (pushed by the server, else defaults), flat as in AgentSettings.
+    settings: dict[str, Any] = Field(default_factory=dict)
 
 
 FleetState = Literal["offline", "idle", "running", "error"]
@@ -507,3 +527,185 @@ class ResultImported(WireModel):
 
     id: str
     created: bool
+
+
+# --- agent settings pushed by the server (issue 6) ---------------------------------------
+#
+# Per-agent settings edited on the server (``kitt agents set``) travel flat, as the user
+# types them: ``{"heartbeat_interval_s": 5, "engines.llama.cpp.startup_timeout_s": 600}``
+# (an engine name may itself contain dots, so an engine key's field is its last part).
+# Only tuning values are pushable: anything that names a file, a program or a network
+# peer stays in the agent's own agent.yaml, so the server cannot point an agent at
+# arbitrary files or commands.
+
+DEFAULT_LOG_BATCH_LINES = 500  # lines per log report an agent ships (LogShipper)
+DEFAULT_TELEMETRY_INTERVAL_S = 1.0  # GPU sample interval of a serving run (ServeParams)
+ENGINE_SETTING_PREFIX = "engines."
+SETTING_RANGES: dict[str, tuple[float, float]] = {
+    "heartbeat_interval_s": (5.0, 300.0),
+    "log_batch_lines": (1, 5000),
+    "telemetry_interval_s": (0.1, 60.0),
+    "startup_timeout_s": (1.0, 7200.0),  # per engine: engines.<engine>.startup_timeout_s
+}
+SETTING_KEYS = ("heartbeat_interval_s", "log_batch_lines", "telemetry_interval_s")
+ENGINE_SETTING_FIELDS = ("startup_timeout_s",)
+VALID_SETTING_KEYS = (*SETTING_KEYS, "engines.<engine>.startup_timeout_s")
+# agent.yaml's top-level keys and an engine entry's other fields: never pushable (a test
+# keeps these lists equal to AgentConfig's and EngineOverride's fields).
+LOCAL_ONLY_KEYS = frozenset({
+    "name", "server_url", "token", "port", "bind", "tls", "backoff_max_s", "log_buffer_lines",
+    "log_level", "engines", "models_dir", "allow_any_model_path", "datasets_dir",
+    "allowed_endpoints", "benchmarks",
+})  # fmt: skip
+LOCAL_ONLY_ENGINE_FIELDS = frozenset({
+    "description", "binary", "argv", "env", "health_path", "completions_path", "chat_path",
+    "default_port", "model_kind", "stop_grace_s", "version_command", "version_regex",
+    "version_prefix", "version_timeout_s", "check_command", "force_output_len", "allow_args",
+})  # fmt: skip
+
+
+def _setting(name: str) -> Any:
+    low, high = SETTING_RANGES[name]
+    return Field(default=None, ge=low, le=high)
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    startup_timeout_s: float | None = _setting("startup_timeout_s")
+
+
+class AgentSettings(BaseModel):
+    """What the server may set on one agent; ``None`` (or absent): the default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    heartbeat_interval_s: float | None = _setting("heartbeat_interval_s")
+    log_batch_lines: JsonInt | None = _setting("log_batch_lines")
+    telemetry_interval_s: float | None = _setting("telemetry_interval_s")
+    engines: dict[AgentName, EngineSettings] = Field(default_factory=dict)
+
+    def flat(self) -> dict[str, Any]:
+        """The settings that are set, keyed as users and the wire name them."""
+        out: dict[str, Any] = {}
+        for key in SETTING_KEYS:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        for engine, fields in sorted(self.engines.items()):
+            for name, value in fields.model_dump(exclude_none=True).items():
+                out[f"{ENGINE_SETTING_PREFIX}{engine}.{name}"] = value
+        return out
+
+    def effective(self, heartbeat_interval_s: float) -> dict[str, Any]:
+        """Every value in force, defaults filled in (``heartbeat_interval_s``: the server's)."""
+        return {
+            "heartbeat_interval_s": self.heartbeat_interval_s or heartbeat_interval_s,
+            "log_batch_lines": self.log_batch_lines or DEFAULT_LOG_BATCH_LINES,
+            "telemetry_interval_s": self.telemetry_interval_s or DEFAULT_TELEMETRY_INTERVAL_S,
+            **{k: v for k, v in self.flat().items() if k.startswith(ENGINE_SETTING_PREFIX)},
+        }
+
+
+class SettingsError(ValueError):
+    """A pushed setting that is unknown, local to the agent, or out of range."""
+
+
+def split_engine_key(key: str) -> tuple[str, str] | None:
+    """``engines.llama.cpp.startup_timeout_s`` → ``("llama.cpp", "startup_timeout_s")``."""
+    rest = key.removeprefix(ENGINE_SETTING_PREFIX)
+    if rest == key or "." not in rest:
+        return None
+    engine, _, field = rest.rpartition(".")
+    return (engine, field) if engine else None
+
+
+def setting_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be pushed (unknown, or local to the agent), or None."""
+    shown = key if len(key) <= 80 else key[:80] + "…"
+    if key in SETTING_KEYS:
+        return None
+    engine_key = split_engine_key(key)
+    if engine_key is not None:
+        engine, field = engine_key
+        if field in ENGINE_SETTING_FIELDS:
+            return None
+        if field in LOCAL_ONLY_ENGINE_FIELDS:
+            return (
+                f"'{shown}' is local to the agent: it is set in the agent's agent.yaml "
+                f"(engines: {engine}: {field}), never by the server"
+            )
+    if key.split(".", 1)[0] in LOCAL_ONLY_KEYS:
+        return (
+            f"'{shown}' is local to the agent: it is set in the agent's agent.yaml, "
+            "never by the server"
+        )
+    return f"unknown setting '{shown}' (valid keys: {', '.join(VALID_SETTING_KEYS)})"
+
+
+def _describe_setting_error(key: str, err: Any) -> str:
+    field = key.rpartition(".")[2]
+    if err["type"] in ("greater_than_equal", "less_than_equal") and field in SETTING_RANGES:
+        low, high = SETTING_RANGES[field]
+        return f"{key} must be between {low:g} and {high:g}, got {err['input']!r}"
+    if err["type"] == "string_pattern_mismatch":
+        return f"{key}: not a valid engine name"
+    return f"{key}: {err['msg']}, got {err['input']!r}"
+
+
+def parse_settings(flat: Mapping[str, Any]) -> AgentSettings:
+    """Flat settings (as sent: no nulls) checked strictly (``true`` or ``"5"`` is not a
+    number). Raises SettingsError naming every bad key."""
+    problems = [p for p in (setting_key_problem(k) for k in flat) if p is not None]
+    if problems:
+        raise SettingsError("; ".join(problems))
+    nested: dict[str, Any] = {}
+    keys: dict[tuple[str, ...], str] = {}
+    for key, value in flat.items():
+        engine_key = split_engine_key(key)
+        if engine_key is None:
+            nested[key] = value
+            keys[(key,)] = key
+        else:
+            engine, field = engine_key
+            nested.setdefault("engines", {}).setdefault(engine, {})[field] = value
+            keys["engines", engine, field] = key
+            keys["engines", engine] = key
+    try:
+        return AgentSettings.model_validate(nested, strict=True)
+    except ValidationError as exc:
+        messages = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(str(p) for p in err["loc"])
+            key = keys.get(loc) or keys.get(loc[:2]) or ".".join(loc)
+            messages.append(_describe_setting_error(key, err))
+        raise SettingsError("; ".join(messages)) from None
+
+
+def parse_settings_leniently(flat: Mapping[str, Any]) -> tuple[AgentSettings, list[str]]:
+    """The valid settings of ``flat``, and why each other one was left out: for a reader
+    that must carry on (an agent applying what a server sent) rather than refuse it all."""
+    good: dict[str, Any] = {}
+    problems = []
+    for key, value in flat.items():
+        if value is None:
+            continue
+        try:
+            parse_settings({key: value})
+        except SettingsError as exc:
+            problems.append(str(exc))
+        else:
+            good[key] = value
+    return parse_settings(good), problems
+
+
+class SettingsPatch(BaseModel):
+    """``PATCH /api/v1/agents/<id>/settings``: ``{key: value}``, ``null`` resets a key."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class AgentSettingsView(WireModel):
+    """An agent's settings: those set on the server, and every value in force."""
+
+    settings: dict[str, Any]
+    effective: dict[str, Any]

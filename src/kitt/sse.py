@@ -22,7 +22,9 @@ def event(name: str, data: Any, event_id: int | None = None) -> str:
 
 def resume_after() -> int:
     """The last sequence number the client already has (``Last-Event-ID`` or ``?after=``)."""
-    raw = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after")
+    if raw is None:
+        return 0
     try:
         value = int(raw)
     except ValueError:

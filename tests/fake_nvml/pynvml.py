@@ -6,7 +6,9 @@ while the agent runs. ``{"fail_init": "..."}`` makes ``nvmlInit`` fail as on a G
 host. A GPU whose ``power_mw`` is null raises NotSupported for power, as some boards do;
 likewise ``energy_mj`` (the total-energy counter, Volta and later) and ``sm_clock_mhz``,
 which are also unsupported when absent. ``"energy_mj": "from_power"`` makes the counter
-rise at ``power_mw``, as a real board's does.
+rise at ``power_mw``, as a real board's does. A GPU's optional ``processes`` list
+(``{"pid", "used_memory", "type": "compute" | "graphics"}``; memory in bytes, null where
+the driver cannot tell) is what the running-processes queries report.
 """
 
 from __future__ import annotations
@@ -123,3 +125,24 @@ def nvmlSystemGetDriverVersion() -> str:
 
 def nvmlSystemGetCudaDriverVersion() -> int:
     return int(_state().get("cuda", 12040))
+
+
+def _processes(handle: int, kind: str) -> list[SimpleNamespace]:
+    return [
+        SimpleNamespace(
+            pid=int(p["pid"]),
+            usedGpuMemory=p.get("used_memory"),
+            gpuInstanceId=0xFFFFFFFF,
+            computeInstanceId=0xFFFFFFFF,
+        )
+        for p in _gpu(handle).get("processes", [])
+        if p.get("type", "compute") == kind
+    ]
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[SimpleNamespace]:
+    return _processes(handle, "compute")
+
+
+def nvmlDeviceGetGraphicsRunningProcesses(handle: int) -> list[SimpleNamespace]:
+    return _processes(handle, "graphics")

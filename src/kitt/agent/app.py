@@ -90,6 +90,8 @@ def create_agent_app(
                 last_heartbeat_ok=snap.last_heartbeat_ok,
                 last_error=snap.last_error,
                 pid=state.pid,
+                # Settings in force: pushed by the server, else the defaults.
+                settings=jobs.settings.effective(),
             )
         )
 

@@ -17,6 +17,7 @@ from kitt.agent.heartbeat import HeartbeatThread
 from kitt.agent.jobs import CommandError, JobManager, spool_result
 from kitt.agent.renewal import CertRenewer
 from kitt.agent.server_client import ServerClient, tls_files
+from kitt.agent.settings import PushedSettings
 from kitt.agent.spool import Spool, SpoolSender
 from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry
@@ -57,7 +58,12 @@ class AgentDaemon:
         self.auth = AgentAuth(config.name, config.token, tls=listener_tls is not None)
         self._renewer: CertRenewer | None = None
         self._spool = Spool(paths.spool)
-        self.jobs = JobManager(config, paths.jobs, self.state, self._spool, self.config_path)
+        # Settings pushed by the server (kitt agents set): the heartbeat adopts them, jobs
+        # and the status read them.
+        self.settings = PushedSettings()
+        self.jobs = JobManager(
+            config, paths.jobs, self.state, self._spool, self.config_path, self.settings
+        )
         self._telemetry: GpuTelemetry | None = None
         self._client: ServerClient | None = None
         self._heartbeat: HeartbeatThread | None = None
@@ -82,7 +88,9 @@ class AgentDaemon:
         self._http.start()
         # Engines whose binary is installed here: what `serving` tests may ask this agent
         # to start (advertised as engine:<name> capabilities).
-        engines = available_engines(load_engines(self.config.engines))
+        specs = load_engines(self.config.engines)
+        engines = available_engines(specs)
+        self.settings.set_engines({name: specs[name].startup_timeout_s for name in engines})
         log.info(
             "kitt-agent %s '%s' listening on %s:%d, server %s, benchmarks: %s, engines: %s",
             __version__,
@@ -112,6 +120,7 @@ class AgentDaemon:
             backoff_max_s=self.config.backoff_max_s,
             on_commands=self._commands_from_heartbeat,
             on_token=self._adopt_token,
+            settings=self.settings,
         )
         self._heartbeat.start()
         tls = self._client.tls

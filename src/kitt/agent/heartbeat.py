@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kitt import __version__
 from kitt.agent.hardware import HostLoad
 from kitt.agent.server_client import AgentUnknownError, ServerClient
+from kitt.agent.settings import PushedSettings
 from kitt.agent.state import AgentState
 from kitt.agent.telemetry import GpuTelemetry, aggregate
 from kitt.errors import KittError
@@ -58,6 +60,7 @@ class HeartbeatThread(threading.Thread):
         backoff_max_s: float,
         on_commands: Callable[[list[dict[str, Any]]], None] | None = None,
         on_token: Callable[[str], None] | None = None,
+        settings: PushedSettings | None = None,
     ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self._client = client
@@ -66,7 +69,11 @@ class HeartbeatThread(threading.Thread):
         self._registration = registration
         self._on_commands = on_commands
         self._on_token = on_token
+        self._settings = settings
         self._stop_event = threading.Event()
+        # Set by set_interval() (and stop()): a wait in progress is cut short when the
+        # interval shrinks, so that the change takes effect at the next beat.
+        self._wake = threading.Event()
         self._backoff = Backoff(cap=backoff_max_s)
         self._load = HostLoad()
         self.interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
@@ -77,6 +84,15 @@ class HeartbeatThread(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+        self._wake.set()
+
+    def set_interval(self, interval_s: float) -> bool:
+        """Beat every ``interval_s`` from the next beat on; True when that is a change."""
+        if interval_s <= 0 or interval_s == self.interval_s:
+            return False
+        self.interval_s = interval_s
+        self._wake.set()
+        return True
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -88,7 +104,23 @@ class HeartbeatThread(threading.Thread):
                 self._state.server_error(f"internal error: {exc}")
                 delay = self._backoff.next()
             if delay > 0:
-                self._stop_event.wait(delay)
+                self._pause(delay)
+
+    def _pause(self, delay: float) -> None:
+        """Wait ``delay`` s, or less when the interval is shortened meanwhile: the next
+        beat then comes one (new) interval after this wait began."""
+        start = time.monotonic()
+        deadline = start + delay
+        basis = self.interval_s
+        while not self._stop_event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._wake.wait(remaining):
+                self._wake.clear()
+                if self.interval_s < basis:
+                    deadline = min(deadline, start + self._jittered())
+                basis = self.interval_s
 
     def _register(self) -> float:
         try:
@@ -100,7 +132,7 @@ class HeartbeatThread(threading.Thread):
         if resp.token and self._on_token is not None:
             self._on_token(resp.token)
         self._state.registered(resp.agent_id)
-        self.interval_s = resp.heartbeat_interval_s
+        self._adopt_settings(resp.settings, resp.heartbeat_interval_s)
         self._recovered()
         log.info(
             "registered as %s with id %s (heartbeat every %g s)",
@@ -142,10 +174,16 @@ class HeartbeatThread(threading.Thread):
         self._recovered()
         if resp.commands and self._on_commands is not None:
             self._on_commands(resp.commands)
-        if resp.heartbeat_interval_s != self.interval_s and resp.heartbeat_interval_s > 0:
-            log.info("heartbeat interval is now %g s", resp.heartbeat_interval_s)
-            self.interval_s = resp.heartbeat_interval_s
+        if self._adopt_settings(resp.settings, resp.heartbeat_interval_s):
+            log.info("heartbeat interval is now %g s", self.interval_s)
         return self._jittered()
+
+    def _adopt_settings(self, pushed: Mapping[str, Any], server_interval_s: float) -> bool:
+        """Apply the settings a response carried; True when the interval changed."""
+        interval = server_interval_s
+        if self._settings is not None:
+            interval = self._settings.apply(pushed, server_interval_s)
+        return self.set_interval(interval)
 
     def _jittered(self) -> float:
         return self.interval_s * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311

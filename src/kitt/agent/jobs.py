@@ -32,11 +32,13 @@ from pydantic import ValidationError
 
 from kitt.agent.config import AgentConfig, CustomBenchmark
 from kitt.agent.log_streamer import JobLog, LogLine, LogRegistry
+from kitt.agent.settings import PushedSettings
 from kitt.agent.spool import Spool
 from kitt.agent.state import AgentState
 from kitt.errors import KittError
 from kitt.paths import PRIVATE_DIR, ensure_dir, write_private
 from kitt.protocol import (
+    DEFAULT_LOG_BATCH_LINES,
     SERVING_BENCHMARK,
     Command,
     RunTestPayload,
@@ -54,12 +56,17 @@ SERVING_TIMEOUT_S = 12 * 3600.0
 
 
 def serving_job(
-    payload: RunTestPayload, config: AgentConfig, config_path: Path | None
+    payload: RunTestPayload,
+    config: AgentConfig,
+    config_path: Path | None,
+    settings: PushedSettings | None = None,
 ) -> tuple[RunTestPayload, CustomBenchmark]:
     """The built-in serving benchmark: its parameters are checked now (a typo is a 400 at
     submission, not a failed test later), against this agent's rules for what the server
     may point it at, and its command is fixed here, on the agent — the server only ever
-    names the benchmark, an engine, a model and parameter values."""
+    names the benchmark, an engine, a model and parameter values. Defaults pushed by the
+    server (telemetry interval, the engine's startup timeout) fill in parameters the test
+    leaves unset."""
     from kitt.bench.params import ParamsError, agent_policy, load_params
 
     for key in ("engine", "model"):
@@ -68,6 +75,8 @@ def serving_job(
                 400, f"give the {key} as the test's own '{key}' field, not as a parameter"
             )
     params: dict[str, Any] = dict(payload.params)
+    if settings is not None:
+        params = {**settings.serving_defaults(payload.engine), **params}
     if payload.engine is not None:
         params["engine"] = payload.engine
     if payload.model is not None:
@@ -147,18 +156,23 @@ class LogShipper(threading.Thread):
 
     50 ms keeps a server-side subscriber within ~100 ms of the benchmark (the target for
     live logs) while a chatty benchmark still costs one report per 500 lines, not per line.
+    The line cap may be pushed by the server (``log_batch_lines``): ``max_lines`` is read
+    at every batch, so a change applies from the next one.
     """
 
     INTERVAL_S = 0.05
-    MAX_LINES = 500
+    MAX_LINES = DEFAULT_LOG_BATCH_LINES
     # Well under the server's 1 MiB body limit even after JSON escaping (a line may be up
     # to 8,192 characters, so 500 long lines would be ~4 MiB).
     MAX_BYTES = 256 * 1024
 
-    def __init__(self, spool: Spool, test_id: str) -> None:
+    def __init__(
+        self, spool: Spool, test_id: str, max_lines: Callable[[], int] | None = None
+    ) -> None:
         super().__init__(name=f"log-shipper-{test_id}", daemon=True)
         self._spool = spool
         self._test_id = test_id
+        self._max_lines = max_lines or (lambda: self.MAX_LINES)
         self._pending: list[LogLine] = []
         self._pending_bytes = 0
         self._lock = threading.Lock()
@@ -169,7 +183,7 @@ class LogShipper(threading.Thread):
         with self._lock:
             self._pending.extend(lines)
             self._pending_bytes += sum(_wire_size(line) for line in lines)
-            full = len(self._pending) >= self.MAX_LINES or self._pending_bytes >= self.MAX_BYTES
+            full = len(self._pending) >= self._max_lines() or self._pending_bytes >= self.MAX_BYTES
         if full:
             self.flush()
 
@@ -184,15 +198,20 @@ class LogShipper(threading.Thread):
             batch, self._pending, self._pending_bytes = self._pending, [], 0
         chunk: list[dict[str, object]] = []
         size = 0
+        max_lines = self._max_lines()
         for line in batch:
             cost = _wire_size(line)
-            if chunk and (len(chunk) >= self.MAX_LINES or size + cost > self.MAX_BYTES):
-                self._spool.put_logs(self._test_id, chunk)
+            if chunk and (len(chunk) >= max_lines or size + cost > self.MAX_BYTES):
+                self._ship(chunk)
                 chunk, size = [], 0
             chunk.append(line.as_dict())
             size += cost
         if chunk:
-            self._spool.put_logs(self._test_id, chunk)
+            self._ship(chunk)
+
+    def _ship(self, chunk: list[dict[str, object]]) -> None:
+        log.debug("test %s: log batch of %d lines spooled", self._test_id, len(chunk))
+        self._spool.put_logs(self._test_id, chunk)
 
     def run(self) -> None:
         while not self._done.wait(self.INTERVAL_S):
@@ -215,6 +234,7 @@ class Job(threading.Thread):
         spool: Spool,
         on_end: Callable[[Job], None],
         log: JobLog,
+        log_batch_lines: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(name=f"job-{command.test_id}", daemon=True)
         self.command = command
@@ -225,7 +245,7 @@ class Job(threading.Thread):
         self._spool = spool
         self._on_end = on_end
         self.log = log
-        self._shipper = LogShipper(spool, command.test_id)
+        self._shipper = LogShipper(spool, command.test_id, log_batch_lines)
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._stop_reason: str | None = None  # "cancelled", "shutdown" or "timeout"
@@ -425,9 +445,11 @@ class JobManager:
         state: AgentState,
         spool: Spool,
         config_path: Path | None = None,
+        settings: PushedSettings | None = None,
     ) -> None:
         self._config = config
         self._config_path = config_path
+        self.settings = settings or PushedSettings()
         self._dir = ensure_dir(jobs_dir, PRIVATE_DIR)
         self._state = state
         self._spool = spool
@@ -462,7 +484,9 @@ class JobManager:
             ) from None
         benchmark = self._config.benchmarks.get(payload.benchmark)
         if benchmark is None and payload.benchmark == SERVING_BENCHMARK:
-            payload, benchmark = serving_job(payload, self._config, self._config_path)
+            payload, benchmark = serving_job(
+                payload, self._config, self._config_path, self.settings
+            )
         if benchmark is None:
             offered = ", ".join(sorted({*self._config.benchmarks, SERVING_BENCHMARK})) or "none"
             raise CommandError(
@@ -481,7 +505,8 @@ class JobManager:
                 "status": "accepted", "pid": os.getpid()}))  # fmt: skip
             log_ = JobLog(workdir / "log.jsonl", self._config.log_buffer_lines)
             self.logs.add(command.command_id, log_)
-            job = Job(command, payload, benchmark, workdir, self._spool, self._ended, log_)
+            job = Job(command, payload, benchmark, workdir, self._spool, self._ended, log_,
+                      self.settings.log_batch_lines)  # fmt: skip
             self._current = job
             self._state.set_task("running", command.test_id)
         job.start()

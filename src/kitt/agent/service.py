@@ -143,6 +143,19 @@ def agent_command(executable: str | None = None) -> list[str]:
     return [str(python), "-m", "kitt", "agent"]
 
 
+def installed_command(command: list[str], paths: AgentPaths) -> list[str]:
+    """The ``agent-venv`` link's ``kitt-agent`` when ``command`` runs from the venv the link
+    points at: an install-script agent then keeps its unit across updates, which only move
+    the link (see :mod:`kitt.agent.upgrade`)."""
+    script = paths.venv_link / "bin" / "kitt-agent"
+    if not paths.venv_link.is_symlink() or not script.exists():
+        return command
+    venv = Path(command[0]).parent.parent
+    if venv.exists() and os.path.samefile(venv, paths.venv_link):
+        return [str(script), *command[1:]]
+    return command
+
+
 def documentation_uris() -> list[str]:
     """KITT's service guide when this is a source checkout, and the systemd.exec manual
     that explains the hardening directives in the unit."""
@@ -314,7 +327,7 @@ def build_unit(
     home = service_home(user, uid, env)
     cfg = Path(os.path.abspath(config.expanduser())) if config else AgentPaths(home).config
     text = render_unit(
-        command=agent_command(),
+        command=installed_command(agent_command(), AgentPaths(home)),
         config=cfg,
         user=user,
         home=home,

@@ -23,8 +23,10 @@ from kitt.agent.config import (
 )
 from kitt.agent.enrollment import enroll, ensure_ca, install_bundle
 from kitt.agent.enrollment import renew as renew_certificate
+from kitt.agent.preflight import run_preflight
 from kitt.agent.server_client import tls_files
 from kitt.cli.common import KittGroup, ago, console, human_duration
+from kitt.cli.preflight import preflight, print_report
 from kitt.cli.service import service
 from kitt.errors import AlreadyRunningError, KittError, NotRunningError
 from kitt.fleet_client import FleetClient, resolve_target
@@ -218,15 +220,24 @@ def _local_bootstrap_token(server_url: str, required: bool = True) -> str | None
     show_default=True,
     help="Seconds to wait for a background start to report ready.",
 )
+@click.option(
+    "--preflight",
+    "run_checks",
+    is_flag=True,
+    help="Run kitt-agent preflight first; refuse to start when a required check fails.",
+)
 def start(
     config: Path | None,
     foreground: bool,
     insecure: bool,
     log_file: Path | None,
     ready_timeout: float,
+    run_checks: bool,
 ) -> None:
     """Start the agent: register, heartbeat, and serve the agent API."""
     path = _config_path(config)
+    if run_checks and not print_report(run_preflight(config_path=path)):
+        raise SystemExit(1)
     cfg = load_config(path)
     paths = agent_paths()
     if foreground:
@@ -321,6 +332,10 @@ def status(config: Path | None, as_json: bool) -> None:
     ]
     if report.last_error:
         rows.append(("last error", f"[yellow]{report.last_error}[/]"))
+    if report.settings:  # in force: pushed by the server (`kitt agents set`), else defaults
+        shown = [f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}"
+                 for k, v in report.settings.items()]  # fmt: skip
+        rows.append(("settings", ", ".join(shown)))
     for key, value in rows:
         console.print(f"{key:>15}: {value}", highlight=False)
 
@@ -355,6 +370,7 @@ def stop(drain: bool, timeout: float | None) -> None:
 
 
 agent.add_command(service)
+agent.add_command(preflight)
 
 
 @agent.command()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
+from typing import Any
 
 import click
 from rich.markup import escape
@@ -18,8 +20,16 @@ from kitt.cli.common import (
     print_json_or_nothing,
     server_option,
 )
-from kitt.fleet_client import resolve_server_url
-from kitt.protocol import AGENT_NAME_RE, ID_RE
+from kitt.errors import KittError
+from kitt.fleet_client import FleetClient, resolve_server_url
+from kitt.protocol import (
+    AGENT_NAME_RE,
+    ENGINE_SETTING_FIELDS,
+    ID_RE,
+    SETTING_KEYS,
+    AgentSettingsView,
+    split_engine_key,
+)
 
 STATE_STYLE = {"offline": "red", "idle": "green", "running": "cyan", "error": "yellow"}
 
@@ -46,10 +56,12 @@ def list_agents(server_url: str | None, as_json: bool) -> None:
     """Every agent with its state, GPUs, utilisation and last heartbeat."""
     with open_fleet(server_url) as fleet:
         items = fleet.agents()
+        wanted = _wanted_version(fleet) if items and not as_json else None
     if print_json_or_nothing(items, as_json, "no agents registered yet"):
         return
     table = Table(box=None, pad_edge=False)
-    cols = ("NAME", "STATE", "TASK", "GPUS", "GPU UTIL", "GPU MEM", "ADDRESS", "LAST SEEN", "CERT")
+    cols = ("NAME", "STATE", "TASK", "GPUS", "GPU UTIL", "GPU MEM", "ADDRESS", "LAST SEEN", "CERT",
+            "VERSION")  # fmt: skip
     for col in cols:
         table.add_column(col)
     for a in items:
@@ -64,8 +76,30 @@ def list_agents(server_url: str | None, as_json: bool) -> None:
             f"{a.address}:{a.port}" if a.address else "-",
             ago(a.last_seen_at),
             cert_expiry(a.cert_expires_at),
+            _version(a.kitt_version, wanted),
         )
     console.print(table)
+    behind = [a.name for a in items if wanted and a.kitt_version != wanted and not a.revoked]
+    if behind:
+        console.print(
+            f"[yellow]{len(behind)} agent(s) do not run {wanted}, the version this server hands "
+            "out[/]: run `kitt-agent update --restart` on them (or re-run their install line)",
+            highlight=False,
+        )
+
+
+def _wanted_version(fleet: FleetClient) -> str | None:
+    """The version agents should run: the one the server's installer hands out."""
+    try:
+        return fleet.agent_package().version
+    except KittError:
+        return None  # an older server, or one that cannot build its package
+
+
+def _version(have: str, wanted: str | None) -> str:
+    if wanted is None or have == wanted:
+        return escape(have)
+    return f"[yellow]{escape(have)} ≠ {escape(wanted)}[/]"
 
 
 def cert_expiry(expires: datetime | None) -> str:
@@ -179,3 +213,97 @@ def revoke(name: str, server_url: str | None, yes: bool) -> None:
     with open_fleet(_confirmed("revoke", name, server_url, yes)) as fleet:
         body = fleet.revoke(name)
     click.echo(f"revoked agent {body['name']}: its token no longer works")
+
+
+# --- settings pushed by the server -------------------------------------------------------
+
+
+def parse_assignments(items: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` → ``{KEY: number}``; ``KEY=`` → ``{KEY: None}`` (back to the default).
+
+    Values of the pushable keys must be numbers; any other key is sent as given, so that
+    the server, which owns the rules, names it (unknown, or set in the agent's agent.yaml).
+    """
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise KittError(f"{item!r}: expected KEY=VALUE (KEY= resets the key to its default)")
+        if key in changes:
+            raise KittError(f"{key} is given twice")
+        numeric = key in SETTING_KEYS or (
+            (engine_key := split_engine_key(key)) is not None
+            and engine_key[1] in ENGINE_SETTING_FIELDS
+        )
+        if not text:
+            changes[key] = None
+        elif numeric:
+            changes[key] = _number(key, text)
+        else:
+            changes[key] = text
+    return changes
+
+
+def _number(key: str, text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise KittError(f"{key}={text}: not a number") from None
+    if not math.isfinite(value):
+        raise KittError(f"{key}={text}: not a finite number")
+    return value
+
+
+def _print_settings(name: str, view: AgentSettingsView, as_json: bool) -> None:
+    if as_json:
+        click.echo(view.model_dump_json(indent=2))
+        return
+    console.print(f"settings of agent {escape(name)}:", highlight=False)
+    table = Table(box=None, pad_edge=False)
+    for col in ("KEY", "VALUE", "SOURCE"):
+        table.add_column(col)
+    for key, value in view.effective.items():
+        source = "set on the server" if key in view.settings else "default"
+        if key == "heartbeat_interval_s" and key not in view.settings:
+            source = "default (the server's --heartbeat-interval)"
+        shown = f"{value:g}" if isinstance(value, int | float) else str(value)
+        table.add_row(escape(key), shown, source)
+    console.print(table)
+
+
+@agents.command("set")
+@click.argument("name", callback=lambda _c, _p, v: _name(v))
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@server_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def set_settings(
+    name: str, assignments: tuple[str, ...], server_url: str | None, as_json: bool
+) -> None:
+    """Push settings to an agent; it applies them at its next heartbeat, no restart.
+
+    KEY=VALUE sets a key, KEY= puts it back to its default. Keys: heartbeat_interval_s
+    (5-300 s), log_batch_lines (1-5000 lines per log report), telemetry_interval_s
+    (0.1-60 s, for serving tests that do not set their own), and
+    engines.ENGINE.startup_timeout_s (1-7200 s, for an engine the agent has). Paths,
+    binaries and endpoints are the agent's own: set them in its agent.yaml.
+    """
+    changes = parse_assignments(assignments)
+    with open_fleet(server_url) as fleet:
+        view = fleet.set_agent_settings(name, changes)
+    _print_settings(name, view, as_json)
+
+
+@agents.command("settings")
+@click.argument("name", callback=lambda _c, _p, v: _name(v))
+@server_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {settings, effective}.")
+def show_settings(name: str, server_url: str | None, as_json: bool) -> None:
+    """An agent's settings: those set on the server (`kitt agents set`) and the defaults."""
+    with open_fleet(server_url) as fleet:
+        view = fleet.agent_settings(name)
+    _print_settings(name, view, as_json)

@@ -6,7 +6,9 @@ import click
 
 from kitt import __version__
 from kitt.cli.agent import agent
+from kitt.cli.agent_update import activate, update
 from kitt.cli.agents import agents
+from kitt.cli.agents_add import add
 from kitt.cli.bench import bench
 from kitt.cli.common import KittGroup
 from kitt.cli.demo import demo
@@ -21,6 +23,10 @@ from kitt.cli.tests import test_group
 def cli() -> None:
     """KITT: benchmark LLM inference across a fleet of GPU machines."""
 
+
+agent.add_command(update)
+agent.add_command(activate)
+agents.add_command(add)
 
 cli.add_command(server)
 cli.add_command(agent)

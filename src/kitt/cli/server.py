@@ -120,6 +120,17 @@ def _paths(data_dir: Path | None) -> ServerPaths:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
+@click.option(
+    "--agent-package",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Agent wheel to hand out (default: one built of this server's own code).",
+)
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Dependency wheels for agents without PyPI (default: DATA_DIR/wheelhouse, "
+    "filled by `kitt server wheelhouse`).",
+)
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
 @click.option(
     "--ready-timeout",
@@ -142,6 +153,8 @@ def start(
     heartbeat_interval: float,
     heartbeat_retention: float,
     lost_after: float,
+    agent_package: Path | None,
+    wheelhouse: Path | None,
     log_level: str,
     log_file: Path | None,
     ready_timeout: float,
@@ -178,6 +191,8 @@ def start(
             no_auth=no_auth,
             insecure=insecure,
             agent_cert_lifetime=timedelta(seconds=agent_cert_lifetime),
+            agent_package=agent_package.absolute() if agent_package else None,
+            wheelhouse=wheelhouse.absolute() if wheelhouse else None,
         )
         setup_logging(log_file, log_level)
         run_until_signalled(ServerDaemon(settings), PidFile(paths.pid, "server"))
@@ -201,6 +216,9 @@ def start(
     for flag, values in (("--hostname", hostnames), ("--ip", ips)):
         for value in values:
             argv += [flag, value]
+    for flag, path in (("--agent-package", agent_package), ("--wheelhouse", wheelhouse)):
+        if path is not None:
+            argv += [flag, str(path.absolute())]
     argv += [flag for flag, on in (("--no-auth", no_auth), ("--insecure", insecure)) if on]
     new_token = None
     if not no_auth:
@@ -433,6 +451,36 @@ def issue_agent_cert(
     written = write_bundle(paths, _certs(data_dir), name, out, url, timedelta(seconds=lifetime))
     click.echo(f"wrote {', '.join(p.name for p in written)} to {out} (keep it private)")
     click.echo(f"on the agent host: kitt-agent init --bundle {out}")
+
+
+@server.command()
+@data_dir_option
+@click.option(
+    "--python-version",
+    "python_versions",
+    multiple=True,
+    help="Python version of the agents, e.g. 3.10 (repeatable; default: this interpreter's).",
+)
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    help="pip platform tag of the agents, e.g. manylinux2014_x86_64 (repeatable; "
+    "default: this machine's).",
+)
+def wheelhouse(
+    data_dir: Path | None, python_versions: tuple[str, ...], platforms: tuple[str, ...]
+) -> None:
+    """Download the agent's dependencies as wheels (pip download), so that GPU machines
+    with no route to PyPI install everything from this server. Restart the server after."""
+    from kitt.cli.wheelhouse import fill_wheelhouse
+
+    dest = _paths(data_dir).wheelhouse
+    files = fill_wheelhouse(dest, python_versions, platforms, click.echo)
+    size = sum(p.stat().st_size for p in files) / 1e6
+    click.echo(f"{len(files)} wheels ({size:.1f} MB) in {dest}")
+    if pid_state(_paths(data_dir).pid).state == "running":
+        click.echo("restart the server to serve them: kitt server stop && kitt server start …")
 
 
 def _local_url(paths: ServerPaths) -> str:

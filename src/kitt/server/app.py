@@ -10,8 +10,9 @@ from kitt import __version__
 from kitt.jsonapi import ApiFailure, dump, install_json_errors
 from kitt.openapi import install_openapi
 from kitt.protocol import Health
-from kitt.server.api import agent_channel, fleet, results, tokens
+from kitt.server.api import agent_channel, agent_package, fleet, results, tokens
 from kitt.server.api import tests as tests_api
+from kitt.server.api.agent_package import AgentDownloads
 from kitt.server.api.openapi_spec import server_openapi
 from kitt.server.auth import Auth
 from kitt.server.certs import ServerCerts
@@ -35,6 +36,7 @@ def create_app(
     events: EventHub,
     auth: Auth,
     certs: ServerCerts | None = None,
+    downloads: AgentDownloads | None = None,
 ) -> Flask:
     app = Flask("kitt.server")
     install_json_errors(app)
@@ -48,6 +50,7 @@ def create_app(
     app.extensions["kitt.events"] = events
     app.extensions["kitt.auth"] = auth
     app.extensions["kitt.certs"] = certs
+    app.extensions["kitt.downloads"] = downloads
     app.extensions["kitt.results"] = ResultStore(tests.sessions)
     # Three quarters of the workers at most for log streams; the rest serve agents.
     app.extensions["kitt.streams"] = StreamSlots(max(1, settings.numthreads * 3 // 4))
@@ -65,6 +68,7 @@ def create_app(
         return Response(certs.ca.read_bytes(), mimetype="application/x-pem-file")
 
     app.register_blueprint(agent_channel.bp)
+    app.register_blueprint(agent_package.bp)
     app.register_blueprint(fleet.bp)
     app.register_blueprint(tests_api.bp)
     app.register_blueprint(results.bp)

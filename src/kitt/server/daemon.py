@@ -16,11 +16,13 @@ from kitt.http import CertFileWatcher, ListenerTls, WsgiServer
 from kitt.paths import ensure_dir, write_private
 from kitt.process import run_steps
 from kitt.server.admin_token import ensure_admin_token
+from kitt.server.api.agent_package import AgentDownloads
 from kitt.server.app import create_app
 from kitt.server.auth import Auth
 from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
+from kitt.server.package import PackageError, build_wheel, load_wheel
 from kitt.server.reaper import Reaper
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter, heartbeat_writer
@@ -55,6 +57,15 @@ class ServerDaemon:
         self._events: EventHub | None = None
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            # The listener's worker threads already run once it is bound: without this a
+            # start that fails later (bad --agent-package, database) would never exit.
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         settings = self.settings
         certs = self._prepare_certs() if settings.tls else None
         tls = None
@@ -71,6 +82,8 @@ class ServerDaemon:
             tls=tls,
         )
         self._http.bind()  # a port clash fails the start before the database is touched
+        public_url = f"{self._http.scheme}://{_public_host(settings)}:{self._http.bound_port}"
+        downloads = self._prepare_downloads(public_url)
         self._engine = open_database(settings)
         store = AgentStore(self._engine)
         credentials = CredentialStore(self._engine)
@@ -91,7 +104,7 @@ class ServerDaemon:
         self._http.set_app(
             create_app(
                 settings, store, self._heartbeats, tests, self._dispatcher,
-                LogStore(self._engine), events, auth, certs,
+                LogStore(self._engine), events, auth, certs, downloads,
             )
         )  # fmt: skip
         self._http.start()
@@ -108,9 +121,7 @@ class ServerDaemon:
         self._reaper.start()
         url = f"{self._http.scheme}://{_url_host(settings.host)}:{self._http.bound_port}"
         endpoint = {"url": url, "pid": os.getpid(), "version": __version__}
-        endpoint["public_url"] = (
-            f"{self._http.scheme}://{_public_host(settings)}:{self._http.bound_port}"
-        )
+        endpoint["public_url"] = public_url
         if certs is not None:
             endpoint["ca"] = str(certs.ca)
         write_private(settings.paths.endpoint, json.dumps(endpoint))
@@ -123,6 +134,38 @@ class ServerDaemon:
             settings.offline_after_s,
         )
         self._warn_about_exposure()
+
+    def _prepare_downloads(self, public_url: str) -> AgentDownloads | None:
+        """The agent wheel (shipped, or built of this very code) and the install script.
+
+        A shipped wheel that is not usable fails the start (the operator asked for it);
+        a build that fails only turns the install endpoints off: agents still work.
+        """
+        settings = self.settings
+        if settings.agent_package is not None:
+            package = load_wheel(settings.agent_package)
+            if package.version != __version__:
+                log.warning(
+                    "serving agent package %s (version %s) while this server is %s: agents "
+                    "will be told to run %s",
+                    package.filename, package.version, __version__, package.version,
+                )  # fmt: skip
+        else:
+            try:
+                package = build_wheel(settings.paths.packages)
+            except (PackageError, OSError) as exc:
+                log.warning("not serving the agent installer: cannot build the package: %s", exc)
+                return None
+        wheelhouse = settings.wheelhouse or settings.paths.wheelhouse
+        downloads = AgentDownloads.prepare(package, public_url, wheelhouse)
+        log.info(
+            "agent package %s (SHA-256 %s)%s; install script at %s/api/v1/agent/install.sh",
+            package.filename,
+            package.sha256,
+            f", {len(downloads.wheels)} dependency wheels" if downloads.wheels else "",
+            public_url,
+        )
+        return downloads
 
     def _prepare_certs(self) -> ServerCerts:
         certs = ServerCerts(self.settings.paths.certs)

@@ -68,13 +68,13 @@ class Reaper(threading.Thread):
         if self._on_tick is not None:
             self._on_tick()
         now = datetime.now(timezone.utc)
-        cutoff = now - timedelta(seconds=self._settings.offline_after_s)
-        for name in self._store.mark_offline(cutoff) if cutoff >= self._counting_from else []:
-            log.warning(
-                "agent %s is offline (no heartbeat for over %g s)",
-                name,
-                self._settings.offline_after_s,
-            )
+        # Each agent by its own interval: one told to beat every 300 s is not offline after
+        # 3 of the server's default intervals.
+        offline = self._store.mark_offline(
+            now, self._settings.heartbeat_interval_s, self._counting_from
+        )
+        for name, allowance in offline:
+            log.warning("agent %s is offline (no heartbeat for over %g s)", name, allowance)
         lost_after = self._settings.lost_after_s
         lost_cutoff = now - timedelta(seconds=lost_after)
         gone = self._store.offline_since(lost_cutoff) if lost_cutoff >= self._counting_from else []

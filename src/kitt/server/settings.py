@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 from kitt.paths import ServerPaths
 from kitt.pki import DEFAULT_AGENT_CERT_LIFETIME
@@ -31,6 +32,10 @@ class ServerSettings:
     agent_cert_lifetime: timedelta = DEFAULT_AGENT_CERT_LIFETIME
     # Agent certificates expiring sooner than this are named in the log.
     cert_warn_before: timedelta = timedelta(days=14)
+    # The agent software handed out: a shipped wheel, else one built of the running code;
+    # dependency wheels from the wheelhouse folder when it has any.
+    agent_package: Path | None = None
+    wheelhouse: Path | None = None
 
     @property
     def offline_after_s(self) -> float:

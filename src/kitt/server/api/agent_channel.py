@@ -168,14 +168,23 @@ def register() -> Any:
         request.remote_addr,
         req.gpu_count,
     )
+    # A restarting agent applies its pushed settings at once, not a heartbeat later.
+    pushed = _store().settings_of(agent_id) or {}
     return dump(
         RegisterResponse(
             agent_id=agent_id,
-            heartbeat_interval_s=_settings().heartbeat_interval_s,
+            heartbeat_interval_s=_interval(pushed),
             token=issued.token if issued is not None else None,
+            settings=pushed,
         ),
         201,
     )
+
+
+def _interval(pushed: dict[str, Any]) -> float:
+    """The agent's own heartbeat interval when one was pushed, else the server's."""
+    interval = pushed.get("heartbeat_interval_s")
+    return float(interval) if interval else _settings().heartbeat_interval_s
 
 
 @bp.post("/<agent_id>/heartbeat")
@@ -185,17 +194,18 @@ def heartbeat(agent_id: str) -> Any:
     beat = parse_body(Heartbeat)
     writer: HeartbeatWriter = current_app.extensions["kitt.heartbeats"]
     try:
-        known = writer.submit(BeatRecord(agent_id, datetime.now(timezone.utc), beat))
+        pushed = writer.submit(BeatRecord(agent_id, datetime.now(timezone.utc), beat))
     except (WriterStoppedError, TimeoutError, SQLAlchemyError) as exc:
         # The agent retries at its next interval; nothing it needs is lost meanwhile.
         raise ApiFailure(503, f"heartbeat not stored, try again: {exc}") from exc
-    if not known:
+    if pushed is None:
         raise ApiFailure(404, f"unknown agent id {agent_id!r}: register again")
     dispatcher: Dispatcher = current_app.extensions["kitt.dispatcher"]
     return dump(
         HeartbeatResponse(
-            heartbeat_interval_s=_settings().heartbeat_interval_s,
+            heartbeat_interval_s=_interval(pushed),
             commands=dispatcher.for_heartbeat(agent_id, beat.status),
+            settings=pushed,
         )
     )
 

@@ -1,4 +1,4 @@
-"""Endpoints users call about the fleet: list, show, heartbeat history, remove."""
+"""Endpoints users call about the fleet: list, show, heartbeat history, settings, remove."""
 
 from __future__ import annotations
 
@@ -7,9 +7,23 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from kitt.jsonapi import ApiFailure, dump, int_arg
-from kitt.protocol import AgentDetail, AgentSummary, GpuSample, Hardware, HeartbeatRecord
+from kitt.jsonapi import ApiFailure, dump, int_arg, parse_body
+from kitt.protocol import (
+    AgentDetail,
+    AgentSettingsView,
+    AgentSummary,
+    GpuSample,
+    Hardware,
+    HeartbeatRecord,
+    SettingsError,
+    SettingsPatch,
+    parse_settings,
+    parse_settings_leniently,
+    setting_key_problem,
+    split_engine_key,
+)
 from kitt.server.auth import auth, require_admin
+from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.models import Agent, AgentCredential
 from kitt.server.store.tests import TestStore
@@ -101,6 +115,66 @@ def history(id_or_name: str) -> Response:
     records = [HeartbeatRecord.model_validate(r, from_attributes=True).model_dump(mode="json")
                for r in rows]  # fmt: skip
     return jsonify(agent_id=agent.id, heartbeats=records)
+
+
+def _settings_view(pushed: dict[str, Any]) -> AgentSettingsView:
+    server: ServerSettings = current_app.extensions["kitt.settings"]
+    return AgentSettingsView(
+        settings=pushed,
+        # Leniently: a value stored under other rules (an older release) must not break
+        # reading the agent's settings; it is left out of `effective`, as the agent does.
+        effective=parse_settings_leniently(pushed)[0].effective(server.heartbeat_interval_s),
+    )
+
+
+@bp.get("/<id_or_name>/settings")
+def get_settings(id_or_name: str) -> Any:
+    """The settings pushed to this agent, and every value in force (defaults filled in)."""
+    return dump(_settings_view(_get(id_or_name).settings or {}))
+
+
+def _check_engines(agent: Agent, keys: list[str]) -> None:
+    """Engine settings only for engines the agent has (it advertises ``engine:<name>``)."""
+    have = sorted(c.removeprefix("engine:") for c in agent.capabilities if c.startswith("engine:"))
+    for key in keys:
+        engine_key = split_engine_key(key)
+        if engine_key is not None and engine_key[0] not in have:
+            engines = f"its engines: {', '.join(have)}" if have else "it advertises none"
+            raise ApiFailure(
+                400, f"{key}: agent {agent.name} has no engine {engine_key[0]!r} ({engines})"
+            )
+
+
+@bp.patch("/<id_or_name>/settings")
+def patch_settings(id_or_name: str) -> Any:
+    """Set (a value) or reset (``null``) some of the agent's settings; it applies them at
+    its next heartbeat. Nothing is stored unless every key and value is valid."""
+    agent = _get(id_or_name)
+    patch = parse_body(SettingsPatch).model_extra or {}
+    problems = [p for p in (setting_key_problem(k) for k in patch) if p is not None]
+    if problems:
+        raise ApiFailure(400, "; ".join(problems))
+    resets = [k for k, v in patch.items() if v is None]
+    try:
+        values = parse_settings({k: v for k, v in patch.items() if v is not None}).flat()
+    except SettingsError as exc:
+        raise ApiFailure(400, str(exc)) from None
+    _check_engines(agent, list(values))
+
+    def change(current: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in current.items() if k not in resets}, **values}
+
+    pushed = _store().update_settings(agent.id, change)
+    if pushed is None:
+        raise ApiFailure(404, f"no agent with id or name {id_or_name[:80]!r}")
+    if patch:
+        current_app.logger.info(
+            "agent %s: settings %s",
+            agent.name,
+            ", ".join(f"{k}={v:g}" if v is not None else f"{k} reset" for k, v in
+                      {**dict.fromkeys(resets), **values}.items()),
+        )  # fmt: skip
+    return dump(_settings_view(pushed))
 
 
 @bp.delete("/<id_or_name>")

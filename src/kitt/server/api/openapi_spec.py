@@ -32,7 +32,10 @@ from kitt.openapi import (
 )
 from kitt.protocol import (
     MAX_SEQ,
+    SETTING_RANGES,
     AgentDetail,
+    AgentPackageInfo,
+    AgentSettingsView,
     AgentSummary,
     CertificateIssued,
     EnrollRequest,
@@ -92,7 +95,12 @@ TAGS = {
     "tests": "What users call about tests.",
     "tokens": "Bootstrap tokens for enrolling agents.",
     "results": "Serving benchmark results: stored whole, listed by their main fields.",
+    "install": "The agent software for new machines: open to anyone, holds no secrets.",
 }
+SHELL = "text/x-shellscript"
+BINARY = "application/octet-stream"
+HTML = "text/html"
+WHEEL_NAME = path_param("filename", "A wheel's file name, as listed by the wheelhouse index.")
 
 AGENT_ID = path_param("agent_id", "The agent's id, as returned by registration.")
 TEST_ID = path_param("test_id", "A test id.")
@@ -122,6 +130,25 @@ TEST_LOG_EVENTS = event_stream(
              "last_seq": {"type": "integer", "minimum": 0}}),
     ),
 )  # fmt: skip
+
+
+def _setting_schema(name: str, kind: str = "number") -> JsonSchema:
+    low, high = SETTING_RANGES[name]
+    return {"anyOf": [{"type": kind, "minimum": low, "maximum": high}, {"type": "null"}]}
+
+
+# PATCH …/settings: protocol.AgentSettings, flat. Engine keys
+# (`engines.<engine>.startup_timeout_s`) are valid only for engines the agent advertises,
+# which no schema can say: they are described, not listed.
+SETTINGS_PATCH: JsonSchema = {
+    "type": "object",
+    "properties": {
+        "heartbeat_interval_s": _setting_schema("heartbeat_interval_s"),
+        "log_batch_lines": _setting_schema("log_batch_lines", "integer"),
+        "telemetry_interval_s": _setting_schema("telemetry_interval_s"),
+    },
+    "additionalProperties": False,
+}
 # The small envelopes the views build with jsonify(); see protocol.py for the models.
 TEST_ACK = obj({"ack": _BOOL, "test_id": _STR, "status": {"enum": TEST_STATUSES}, "changed": _BOOL})
 
@@ -145,6 +172,36 @@ def operations() -> list[Operation]:
             "checks it against the fingerprint the operator gave out of band.",
         ),
         openapi_operation(tags=("meta",)),
+        # --- agent software (issue 6) -------------------------------------------------------
+        Operation(
+            "get", "/api/v1/agent/install.sh", "The agent install script", "getInstallScript",
+            {200: text("A bash script; this server's URL is its default --server.", SHELL)},
+            tags=("install",),
+            description="Static: no secrets in it, and fetching it changes nothing. "
+            "`kitt agents add` prints the line that runs it.",
+        ),
+        Operation(
+            "get", "/api/v1/agent/package.json", "What the agent package is", "getAgentPackageInfo",
+            {200: Reply("Version, file name and SHA-256 of the agent wheel.", AgentPackageInfo),
+             404: error("This server could not build the agent package.")},
+            tags=("install",),
+        ),
+        Operation(
+            "get", "/api/v1/agent/package", "The agent wheel", "getAgentPackage",
+            {200: text("The wheel (`X-Kitt-Sha256` header: its SHA-256).", BINARY),
+             404: error("This server could not build the agent package.")},
+            tags=("install",),
+        ),
+        Operation(
+            "get", "/api/v1/agent/wheels/", "The wheelhouse index", "getWheelhouse",
+            {200: text("A pip --find-links page: one link per dependency wheel.", HTML)},
+            tags=("install",),
+        ),
+        Operation(
+            "get", "/api/v1/agent/wheels/{filename}", "One dependency wheel", "getWheel",
+            {200: text("The wheel.", BINARY), 404: error("No such wheel in the wheelhouse.")},
+            tags=("install",), params=(WHEEL_NAME,),
+        ),
         # --- agent channel ------------------------------------------------------------------
         Operation(
             "post", "/api/v1/agents/enroll", "Enroll an agent: sign its CSR", "enrollAgent",
@@ -260,6 +317,35 @@ def operations() -> list[Operation]:
             security=AS_ADMIN,
         ),
         Operation(
+            "get", "/api/v1/agents/{id_or_name}/settings", "An agent's pushed settings",
+            "agentSettings",
+            {
+                200: Reply("`settings`: those set on the server; `effective`: every value in "
+                           "force, defaults filled in.", AgentSettingsView),
+                404: error("No such agent."),
+            },
+            tags=("fleet",), params=(ID_OR_NAME,), security=AS_ADMIN,
+        ),
+        Operation(
+            "patch", "/api/v1/agents/{id_or_name}/settings", "Change an agent's settings",
+            "setAgentSettings",
+            {
+                200: Reply("Stored; the agent applies them at its next heartbeat.",
+                           AgentSettingsView),
+                400: error("Malformed body, an unknown key, a key local to the agent "
+                           "(set in its agent.yaml), a wrong type or a value out of range; "
+                           "nothing is stored."),
+                404: error("No such agent."),
+            },
+            tags=("fleet",), params=(ID_OR_NAME,), body=SETTINGS_PATCH, security=AS_ADMIN,
+            description="`{key: value}` sets, `{key: null}` resets to the default. Keys: "
+            "`heartbeat_interval_s` (5-300), `log_batch_lines` (1-5000), "
+            "`telemetry_interval_s` (0.1-60), and `engines.<engine>.startup_timeout_s` "
+            "(1-7200) for an engine the agent advertises (`engine:<name>`). Paths, "
+            "binaries, endpoints and the like are the agent's own (agent.yaml): never "
+            "pushable.",
+        ),
+        Operation(
             "delete", "/api/v1/agents/{id_or_name}", "Remove an agent", "removeAgent",
             {
                 200: Reply("Removed; `closed_tests`: its unfinished tests, now closed.",
@@ -322,15 +408,16 @@ def operations() -> list[Operation]:
                     "`text/plain` with `?format=text`: the stored lines, then the reply ends.",
                     bodies={EVENT_STREAM: TEST_LOG_EVENTS, TEXT: {"type": "string"}},
                 ),
-                400: error("`after` / `Last-Event-ID` is not a line number."),
+                400: error("`after` / `Last-Event-ID` is not a line number, or an unknown "
+                           "`format`."),
                 404: error("No such test."),
                 503: error("Too many live log streams; retry shortly."),
             },
             tags=("tests",),
             params=(
                 TEST_ID,
-                query_param("format", {"type": "string"},
-                            "`text` for a plain-text dump; any other value or none: SSE."),
+                query_param("format", {"enum": ["text"]},
+                            "`text` for a plain-text dump; left out: SSE."),
                 query_param("after", SEQ, "Resume after this line number."),
                 header_param("Last-Event-ID", SEQ,
                              "Resume after this line number (what EventSource sends)."),

@@ -148,8 +148,11 @@ def logs(test_id: str) -> Any:
     """SSE (stored lines, then live; ``Last-Event-ID`` resumes), or ``?format=text``."""
     test = _get(test_id)
     store: LogStore = current_app.extensions["kitt.logs"]
-    if request.args.get("format") == "text":
+    form = request.args.get("format")
+    if form == "text":
         return Response(_text(store, test.id), mimetype="text/plain; charset=utf-8")
+    if form is not None:
+        raise ApiFailure(400, f"format must be 'text' (or left out for SSE), got {form[:40]!r}")
     after = resume_after()
     hub: EventHub = current_app.extensions["kitt.events"]
     slots: sse.StreamSlots = current_app.extensions["kitt.streams"]

@@ -6,17 +6,37 @@ so it is two Core statements in one transaction and no ORM object loading.
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from pydantic import TypeAdapter
-from sqlalchemy import Engine, Table, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    Float,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import sessionmaker
 
-from kitt.protocol import GpuSample, Heartbeat, RegisterRequest
+from kitt.protocol import (
+    MISSED_HEARTBEATS_OFFLINE,
+    SETTING_RANGES,
+    GpuSample,
+    Heartbeat,
+    RegisterRequest,
+)
 from kitt.server.store.group_commit import GroupCommit
 from kitt.server.store.models import Agent, HeartbeatSample
 
@@ -34,11 +54,16 @@ _LIVE_UPDATE = (
     .values(
         online=True,
         last_seen_at=bindparam("b_ts"),
+        last_seen_epoch=bindparam("b_epoch"),
         kitt_version=func.coalesce(bindparam("b_version"), _AGENT.c.kitt_version),
         **{c: bindparam(f"b_{c}") for c in _LIVE_COLUMNS},
     )
 )
-_KNOWN_IDS = select(_AGENT.c.id).where(_AGENT.c.id.in_(bindparam("ids", expanding=True)))
+# The agents' settings come back with the check that they exist: the heartbeat response
+# carries them, and this read costs nothing extra on the hottest path.
+_KNOWN_IDS = select(_AGENT.c.id, _AGENT.c.settings).where(
+    _AGENT.c.id.in_(bindparam("ids", expanding=True))
+)
 _SAMPLE_INSERT = insert(_HEARTBEAT).values(
     agent_id=bindparam("b_id"),
     ts=bindparam("b_ts"),
@@ -58,11 +83,13 @@ class BeatRecord:
     beat: Heartbeat
 
     def params(self) -> dict[str, Any]:
-        """Bind parameters for both statements (the INSERT ignores ``b_version``)."""
+        """Bind parameters for both statements (the INSERT ignores ``b_version`` and
+        ``b_epoch``)."""
         b = self.beat
         return {
             "b_id": self.agent_id,
             "b_ts": self.ts,
+            "b_epoch": self.ts.timestamp(),
             "b_version": b.kitt_version,
             "b_status": b.status,
             "b_current_task": b.current_task,
@@ -75,11 +102,12 @@ class BeatRecord:
         }
 
 
-HeartbeatWriter = GroupCommit[BeatRecord, bool]
+# Per beat: its agent's pushed settings, or None when the agent is unknown.
+HeartbeatWriter = GroupCommit[BeatRecord, dict[str, Any] | None]
 
 
 def heartbeat_writer(store: AgentStore) -> HeartbeatWriter:
-    return GroupCommit(store.record_heartbeats, name="heartbeat-writer")
+    return GroupCommit(store.record_beats, name="heartbeat-writer")
 
 
 def new_agent_id() -> str:
@@ -90,6 +118,8 @@ class AgentStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        # Settings edits are read-modify-write: one at a time, so none is lost.
+        self._settings_lock = threading.Lock()
 
     def register(
         self, req: RegisterRequest, address: str | None, now: datetime
@@ -108,6 +138,7 @@ class AgentStore:
             "capabilities": list(req.capabilities),
             "online": True,
             "last_seen_at": now,
+            "last_seen_epoch": now.timestamp(),
         }
         with self.sessions.begin() as s:
             agent = s.scalars(select(Agent).where(Agent.name == req.name)).one_or_none()
@@ -126,22 +157,53 @@ class AgentStore:
             s.add(agent)
             return agent.id, True
 
-    def record_heartbeats(self, beats: Sequence[BeatRecord]) -> list[bool]:
+    def record_beats(self, beats: Sequence[BeatRecord]) -> list[dict[str, Any] | None]:
         """Store live state and a history sample for each beat, in one transaction.
 
-        Returns, per beat, whether its agent exists (an unknown one is told to register).
-        Statements are built once (:data:`_LIVE_UPDATE`, :data:`_SAMPLE_INSERT`) and run as
-        executemany: building them per call cost more than the SQLite write itself.
+        Returns, per beat, its agent's pushed settings, or None where the agent does not
+        exist (an unknown one is told to register). Statements are built once
+        (:data:`_LIVE_UPDATE`, :data:`_SAMPLE_INSERT`) and run as executemany: building
+        them per call cost more than the SQLite write itself.
         """
         ids = list({b.agent_id for b in beats})
         with self.engine.begin() as conn:
-            known = set(conn.scalars(_KNOWN_IDS, {"ids": ids}))
+            known: dict[str, dict[str, Any]] = {
+                row.id: row.settings or {} for row in conn.execute(_KNOWN_IDS, {"ids": ids})
+            }
             rows = [b for b in beats if b.agent_id in known]
             if rows:
                 params = [b.params() for b in rows]
                 conn.execute(_LIVE_UPDATE, params)
                 conn.execute(_SAMPLE_INSERT, params)
-        return [b.agent_id in known for b in beats]
+        return [known.get(b.agent_id) for b in beats]
+
+    def record_heartbeats(self, beats: Sequence[BeatRecord]) -> list[bool]:
+        """:meth:`record_beats`, answering only whether each beat's agent exists."""
+        return [settings is not None for settings in self.record_beats(beats)]
+
+    def settings_of(self, agent_id: str) -> dict[str, Any] | None:
+        """The agent's pushed settings (flat keys), or None when there is no such agent."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_AGENT.c.settings).where(_AGENT.c.id == agent_id)).first()
+        return None if row is None else dict(row.settings or {})
+
+    def update_settings(
+        self, agent_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Replace the agent's settings with ``change(current)`` (which may raise to refuse
+        the change); returns the new settings, or None when there is no such agent."""
+        with self._settings_lock, self.engine.begin() as conn:
+            row = conn.execute(select(_AGENT.c.settings).where(_AGENT.c.id == agent_id)).first()
+            if row is None:
+                return None
+            new = change(dict(row.settings or {}))
+            interval = new.get("heartbeat_interval_s")
+            conn.execute(
+                update(_AGENT)
+                .where(_AGENT.c.id == agent_id)
+                .values(settings=new, heartbeat_interval_s=interval)
+            )
+        return new
 
     def list_agents(self) -> list[Agent]:
         with self.sessions() as s:
@@ -168,21 +230,39 @@ class AgentStore:
         with self.sessions() as s:
             return list(reversed(list(s.scalars(query))))
 
-    def mark_offline(self, cutoff: datetime) -> list[str]:
-        """Agents online but silent since before ``cutoff`` go offline; returns their names."""
-        with self.sessions.begin() as s:
-            names = list(
-                s.scalars(
-                    select(Agent.name).where(Agent.online.is_(True), Agent.last_seen_at < cutoff)
+    def mark_offline(
+        self, now: datetime, default_interval_s: float, counting_from: datetime
+    ) -> list[tuple[str, float]]:
+        """Agents online but silent for 3 of *their own* heartbeat intervals (their pushed
+        one, else ``default_interval_s``) go offline; returns their names and allowances.
+
+        Silence only counts from ``counting_from`` (the server's start). One query for the
+        whole fleet (and one update for the agents it finds): the per-agent arithmetic runs
+        in SQL, on numbers (epoch seconds), which SQLite and PostgreSQL do alike. The
+        ``last_seen_at`` bound (no agent's allowance is shorter) lets the index skip the
+        agents heard from recently.
+        """
+        interval = func.coalesce(_AGENT.c.heartbeat_interval_s, literal(default_interval_s, Float))
+        allowance = interval * MISSED_HEARTBEATS_OFFLINE
+        shortest = MISSED_HEARTBEATS_OFFLINE * min(
+            default_interval_s, SETTING_RANGES["heartbeat_interval_s"][0]
+        )
+        silent = and_(
+            _AGENT.c.online.is_(True),
+            _AGENT.c.last_seen_at < now - timedelta(seconds=shortest),
+            _AGENT.c.last_seen_epoch < literal(now.timestamp(), Float) - allowance,
+            allowance <= literal((now - counting_from).total_seconds(), Float),
+        )
+        with self.engine.begin() as conn:
+            found = [
+                (row.name, row.allowance)
+                for row in conn.execute(
+                    select(_AGENT.c.name, allowance.label("allowance")).where(silent)
                 )
-            )
-            if names:
-                s.execute(
-                    update(Agent)
-                    .where(Agent.online.is_(True), Agent.last_seen_at < cutoff)
-                    .values(online=False)
-                )
-            return names
+            ]
+            if found:
+                conn.execute(update(_AGENT).where(silent).values(online=False))
+        return found
 
     def offline_since(self, cutoff: datetime) -> list[str]:
         """Ids of offline agents last seen before ``cutoff``."""

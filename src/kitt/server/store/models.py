@@ -89,6 +89,12 @@ class Agent(Base):
     cpu_percent: Mapped[float | None] = mapped_column(Float)
     ram_used_gb: Mapped[float | None] = mapped_column(Float)
     gpus: Mapped[list[dict[str, Any]]] = mapped_column(JsonText, default=list)
+    # Settings pushed to this agent (flat keys, protocol.AgentSettings.flat()); its own
+    # heartbeat interval and last_seen_at as epoch seconds are copied out for the reaper,
+    # which does arithmetic on them in SQL (migration 0006 says why).
+    settings: Mapped[dict[str, Any]] = mapped_column(JsonText, default=dict, server_default="{}")
+    heartbeat_interval_s: Mapped[float | None] = mapped_column(Float)
+    last_seen_epoch: Mapped[float | None] = mapped_column(Float)
 
 
 class HeartbeatSample(Base):
