@@ -138,14 +138,23 @@ def test_agents_add_prints_lines_with_a_fresh_single_use_token(kitt: Kitt) -> No
     fingerprint = kitt.run("server", "ca", "--fingerprint", check=True).stdout.strip()
     assert out["ca_fingerprint"] == fingerprint
     assert out["cacert"] == (
-        f"curl -fsS --cacert ca.pem {kitt.tls_url}/api/v1/agent/install.sh | bash -s -- "
-        f"--cacert ca.pem --token {out['token']} --name gpu-3 --service"
+        f"curl -fsS --cacert ca.pem {kitt.tls_url}/api/v1/agent/install.sh | "
+        f"KITT_BOOTSTRAP_TOKEN={out['token']} bash -s -- --cacert ca.pem "
+        f"--server {kitt.tls_url} --name gpu-3 --service"
     )
     meta = kitt.api("GET", "/api/v1/agent/package.json", token=None).json()
     assert (
         f"echo '{meta['install_sh_sha256']}  kitt-install.sh' | sha256sum -c" in out["fingerprint"]
     )
-    assert f"--ca-fingerprint {fingerprint} --token {out['token']}" in out["fingerprint"]
+    assert (
+        f"KITT_BOOTSTRAP_TOKEN={out['token']} bash kitt-install.sh --ca-fingerprint "
+        f"{fingerprint} --server {kitt.tls_url}" in out["fingerprint"]
+    )
+    # --url: what the new machine uses, for the download and for the script's server.
+    other = f"https://localhost:{kitt.server_port}"
+    alias = json.loads(kitt.run("agents", "add", "--url", other, "--json", check=True).stdout)
+    assert alias["cacert"].startswith(f"curl -fsS --cacert ca.pem {other}/api/v1/agent/install.sh")
+    assert f"--server {other}" in alias["cacert"]
     tokens = {t["id"]: t for t in kitt.api("GET", "/api/v1/tokens").json()["tokens"]}
     assert (tokens[out["token_id"]]["max_uses"], tokens[out["token_id"]]["uses"]) == (1, 0)
     # Each call makes a new token.
@@ -161,6 +170,9 @@ def test_update_needs_an_installed_agent(kitt: Kitt) -> None:
     kitt.start_server()
     kitt.init_agent()
     r = kitt.run("agent", "update")
+    assert r.returncode == 1
+    assert "is plain HTTP: anyone on the path could hand this agent code" in r.stderr
+    r = kitt.run("agent", "update", "--allow-http")
     assert r.returncode == 1
     assert "was not installed by the install script" in r.stderr
     assert "Traceback" not in r.stderr

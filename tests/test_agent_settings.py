@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sqlite3
+import statistics
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -60,6 +61,12 @@ def gaps(beats: list[dict[str, Any]]) -> list[float]:
     return [(ts(b) - ts(a)).total_seconds() for a, b in itertools.pairwise(beats)]
 
 
+def short_beats(values: list[float]) -> bool:
+    """Beats at the 0.5 s default: typically ~0.5 s apart, none anywhere near 5 s (a
+    loaded machine may delay one beat and bunch the next, hence the median)."""
+    return statistics.median(values) < 1.0 and max(values) < 2.5
+
+
 def beats_after(kitt: Kitt, since: datetime) -> list[dict[str, Any]]:
     return [b for b in kitt.heartbeats(NAME) if ts(b) > since]
 
@@ -101,7 +108,7 @@ def agent_log(kitt: Kitt) -> str:
 def test_pushed_heartbeat_interval_applies_within_one_beat_and_resets(kitt: Kitt) -> None:
     start_fleet(kitt)
     before = wait_for(lambda: len(b := kitt.heartbeats(NAME)) >= 4 and b, what="4 heartbeats")
-    assert all(0.35 < g < 1.0 for g in gaps(before[-4:])), gaps(before)
+    assert short_beats(gaps(before[-4:])), gaps(before)
 
     status, body = patch(kitt, {"heartbeat_interval_s": 5})
     changed_at = datetime.now(timezone.utc)  # stored: every later beat's answer has it
@@ -119,8 +126,9 @@ def test_pushed_heartbeat_interval_applies_within_one_beat_and_resets(kitt: Kitt
     after = wait_for(long_gap, timeout=20, what="two 5 s heartbeat gaps", interval=0.2)
     # The beat after the change still comes at the old interval (its answer carries the
     # new one); from it on, the agent beats every 5 s ± 10 % jitter: no short gap after.
-    assert (ts(after[0]) - changed_at).total_seconds() < 5.8
-    assert all(4.4 < g < 5.8 for g in gaps(after)), gaps(after)
+    # Bounds wide enough for a loaded 2-core CI machine, and still far from 0.5 s.
+    assert (ts(after[0]) - changed_at).total_seconds() < 7.0
+    assert all(4.0 < g < 7.0 for g in gaps(after)), gaps(after)
     assert len(seen) > 20 and all(seen), seen
     assert kitt.agent(NAME)["state"] == "idle"
     status = kitt.agent_status()
@@ -138,8 +146,8 @@ def test_pushed_heartbeat_interval_applies_within_one_beat_and_resets(kitt: Kitt
     # beats after it come every 0.5 s again.
     back = wait_for(lambda: len(b := beats_after(kitt, reset_at)) >= 5 and b, timeout=15,
                     what="heartbeats at the default interval again")  # fmt: skip
-    assert (ts(back[0]) - reset_at).total_seconds() < 5.8
-    assert all(0.35 < g < 1.0 for g in gaps(back)), gaps(back)
+    assert (ts(back[0]) - reset_at).total_seconds() < 7.0
+    assert short_beats(gaps(back)), gaps(back)
     assert kitt.agent_status()["settings"]["heartbeat_interval_s"] == 0.5
     assert "heartbeat interval is now 5 s" in agent_log(kitt)
 

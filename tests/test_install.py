@@ -177,7 +177,7 @@ def online(kitt: Kitt, name: str) -> dict[str, Any]:
 def test_install_rerun_upgrade_and_update_restart(fleet: tuple[Kitt, Box], tmp_path: Path) -> None:
     kitt, box = fleet
     line = cacert_line(kitt, box)
-    assert "--token" in line and "ca.pem" in line
+    assert "KITT_BOOTSTRAP_TOKEN=" in line and "--token" not in line and "ca.pem" in line
     first = box.sh(line)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "trusting the fleet CA with SHA-256 fingerprint" in first.stderr
@@ -195,6 +195,8 @@ def test_install_rerun_upgrade_and_update_restart(fleet: tuple[Kitt, Box], tmp_p
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert cmdline[0].decode().startswith(str(box.kitt_home / "agent-venvs")), cmdline
     assert not str(exe).startswith(str(Path(sys.prefix)))
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert b"KITT_BOOTSTRAP_TOKEN" not in environ  # read once, never inherited
     imported = box.sh(f"{venv}/bin/python -c 'import kitt; print(kitt.__file__)'").stdout
     assert imported.startswith(str(venv)), imported
     unit = box.agent("service", "install", "--print").stdout
@@ -209,9 +211,14 @@ def test_install_rerun_upgrade_and_update_restart(fleet: tuple[Kitt, Box], tmp_p
     wheel = next((kitt.home / "server" / "packages").glob("*.whl"))
     v2 = bumped_wheel(wheel, "0.1.0.post2", tmp_path)
     restart_server(kitt, "--wheelhouse", str(box.wheelhouse), "--agent-package", str(v2))
+    online(kitt, "gpu-07")
+    listing = kitt.run("agents", "list", check=True).stdout
+    assert "0.1.0 ≠ 0.1.0.post2" in listing
+    assert "1 agent(s) do not run 0.1.0.post2" in listing
+    assert "0.1.0 ≠ 0.1.0.post2" in kitt.run("agents", "show", "gpu-07", check=True).stdout
     second = box.sh(line)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "enrolled already; the bootstrap token was not used" in second.stdout
+    assert "is enrolled already: keeping its identity" in second.stdout
     upgraded = wait_for(
         lambda: (a := kitt.agent("gpu-07")) and a.get("kitt_version") == "0.1.0.post2" and a,
         timeout=60, what="the agent to report 0.1.0.post2",
@@ -223,22 +230,61 @@ def test_install_rerun_upgrade_and_update_restart(fleet: tuple[Kitt, Box], tmp_p
     assert venv.exists()  # the previous venv is kept to go back to
 
     # kitt-agent update --restart: a third version replaces the running daemon.
-    v3 = bumped_wheel(wheel, "0.1.0.post3", tmp_path)
-    restart_server(kitt, "--wheelhouse", str(box.wheelhouse), "--agent-package", str(v3))
+    # kitt-agent update without --restart: the new venv is installed and linked, the
+    # running daemon is left alone, and the venv it runs from is never pruned.
     pid2 = box.pid()
+    for version in ("0.1.0.post3", "0.1.0.post4"):
+        served = bumped_wheel(wheel, version, tmp_path)
+        restart_server(kitt, "--wheelhouse", str(box.wheelhouse), "--agent-package", str(served))
+        update = box.agent("update")
+        assert update.returncode == 0, update.stdout + update.stderr
+        assert Path(os.path.realpath(link)).name.startswith(f"{version}-")
+        assert box.pid() == pid2
+        assert json.loads(box.agent("status", "--json").stdout)["version"] == "0.1.0.post2"
+    assert venv_versions(box) == ["0.1.0.post2", "0.1.0.post3", "0.1.0.post4"]
+
+    # update --restart: nothing to download, but the daemon still runs 0.1.0.post2.
     update = box.agent("update", "--restart")
     assert update.returncode == 0, update.stdout + update.stderr
+    assert "the agent still runs 0.1.0.post2" in update.stdout
     wait_for(
-        lambda: kitt.agent("gpu-07").get("kitt_version") == "0.1.0.post3",
-        timeout=60, what="the agent to report 0.1.0.post3",
+        lambda: kitt.agent("gpu-07").get("kitt_version") == "0.1.0.post4",
+        timeout=60, what="the agent to report 0.1.0.post4",
     )  # fmt: skip
     assert box.pid() not in (None, pid2)
-    status = box.agent("status", "--json")
-    assert json.loads(status.stdout)["version"] == "0.1.0.post3"
-    venvs = sorted(p.name.split("-")[0] for p in (box.kitt_home / "agent-venvs").iterdir())
-    assert venvs == ["0.1.0.post2", "0.1.0.post3"]  # the oldest one was pruned
+    assert json.loads(box.agent("status", "--json").stdout)["version"] == "0.1.0.post4"
+    assert venv_versions(box) == ["0.1.0.post2", "0.1.0.post4"]
     again = box.agent("update")
     assert again.returncode == 0 and "already up to date" in again.stdout
+
+    # Revoked on the server, then added again with a fresh line: a new identity.
+    kitt.run("agents", "revoke", "gpu-07", "--yes", check=True)
+    fresh = cacert_line(kitt, box)
+    third = box.sh(fresh)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "enrolled as 'gpu-07'" in third.stdout
+    assert (box.kitt_home / "certs" / "agent.pem").read_bytes() != cert
+    agent = online(kitt, "gpu-07")
+    assert agent["revoked"] is False
+
+    # A running test is never cut short by an update: --restart refuses until it is idle.
+    config = box.kitt_home / "agent.yaml"
+    config.write_text(config.read_text() + "benchmarks:\n  nap:\n    command: [sleep, '60']\n")
+    assert box.agent("stop").returncode == 0
+    assert box.agent("start").returncode == 0
+    online(kitt, "gpu-07")
+    test = kitt.submit("nap", agent="gpu-07")
+    kitt.wait_status(test["id"], "running")
+    busy = box.agent("update", "--restart", "--force")
+    assert busy.returncode == 1
+    assert f"the agent is running test {test['id']}: try again once it is idle" in busy.stderr
+    assert kitt.test_info(test["id"])["status"] == "running"
+    kitt.api("POST", f"/api/v1/tests/{test['id']}/cancel")
+    kitt.wait_status(test["id"], "cancelled")
+
+
+def venv_versions(box: Box) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in (box.kitt_home / "agent-venvs").iterdir())
 
 
 # --- failures leave nothing behind -----------------------------------------------------
@@ -311,20 +357,53 @@ def test_python_too_old_is_refused(fleet: tuple[Kitt, Box]) -> None:
     assert_untouched(kitt, box, "ca.pem")
 
 
-def test_failed_preflight_after_enrollment_is_undone(fleet: tuple[Kitt, Box]) -> None:
+def test_failed_preflight_changes_nothing_here_or_on_the_server(fleet: tuple[Kitt, Box]) -> None:
     import socket
 
     kitt, box = fleet
+    # A venv made by hand where the installer keeps its link: put back untouched.
+    manual = box.kitt_home / "agent-venv"
+    manual.mkdir(parents=True)
+    (manual / "mine").write_text("by hand")
     line = cacert_line(kitt, box)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", box.port))
         taken.listen()
         r = box.sh(line)
     assert r.returncode == 1
-    assert "a required preflight check failed" in r.stderr + r.stdout
+    assert f"port {box.port} on 127.0.0.1" in r.stdout  # the preflight table names it
+    assert "a required preflight check failed" in r.stderr
     assert "undoing" in r.stderr
-    assert box.leftovers() == ["ca.pem"]
+    assert box.leftovers() == [".kitt", ".kitt/agent-venv", ".kitt/agent-venv/mine", "ca.pem"]
     assert box.pid() is None
+    # The checks ran before enrollment: the name is free, the token unspent.
+    assert kitt.agents() == []
+    ok = box.sh(line)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    online(kitt, "gpu-07")
+    assert manual.is_symlink()
+    aside = [p for p in (box.kitt_home / "agent-venvs").iterdir() if p.name.startswith("manual-")]
+    assert [(p / "mine").read_text() for p in aside] == ["by hand"]  # kept to go back to
+
+
+def test_a_second_certificate_beside_the_pinned_ca_is_refused(fleet: tuple[Kitt, Box]) -> None:
+    """The pin covers one certificate: a second one in the file would be trusted unchecked."""
+    from kitt import pki
+
+    kitt, box = fleet
+    lines = add_lines(kitt, "--name", "gpu-11")
+    evil, _ = pki.create_ca("someone in between")
+    served = kitt.home / "server" / "certs" / "ca.pem"
+    served.write_bytes(served.read_bytes() + pki.cert_pem(evil))
+    r = box.sh(lines["fingerprint"])
+    assert r.returncode == 1
+    assert "refusing the fleet CA: it is a file with 2 certificates" in r.stderr
+    assert_untouched(kitt, box, "kitt-install.sh")
+    init = kitt.run("agent", "init", "--server", kitt.tls_url, "--name", "gpu-11",
+                    "--ca-fingerprint", lines["ca_fingerprint"], "--token", lines["token"])  # fmt: skip
+    assert init.returncode == 1
+    assert "expected one CA certificate, got a file with 2; refusing to trust it" in init.stderr
+    assert not (kitt.home / "certs" / "ca.pem").exists()
 
 
 def test_unknown_option_and_missing_value(fleet: tuple[Kitt, Box]) -> None:

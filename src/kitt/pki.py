@@ -95,6 +95,23 @@ def fingerprint_of_pem(pem: bytes) -> str:
     return fingerprint(x509.load_pem_x509_certificate(pem))
 
 
+def single_ca_pem(pem: bytes) -> tuple[bytes, str]:
+    """One CA certificate, re-encoded from its parsed form, and its fingerprint.
+
+    Pinning checks a fingerprint, and a PEM parser reads only the first certificate of a
+    file: a second one riding along would be trusted unchecked. So a file must hold
+    exactly one, and what is saved is that certificate alone.
+    """
+    count = pem.count(b"-----BEGIN CERTIFICATE-----")
+    if count != 1:
+        raise PkiError(f"expected one CA certificate, got a file with {count}")
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise PkiError("not a PEM certificate") from None
+    return cert_pem(cert), fingerprint(cert)
+
+
 def normalize_fingerprint(text: str) -> str:
     """Accept ``SHA256:ab:cd…``, ``sha256/ABCD…`` or bare hex; return the ``AB:CD:…`` form."""
     hexdigits = re.sub(r"[^0-9a-fA-F]", "", re.sub(r"(?i)^sha-?256[:/=]?", "", text.strip()))

@@ -31,11 +31,10 @@ def fetch_pinned_ca(server_url: str, expected_fingerprint: str) -> bytes:
             f"{server_url} did not hand out its CA ({response.status_code}: "
             f"{error_message(response)})"
         )
-    pem = response.content
     try:
-        got = pki.fingerprint_of_pem(pem)
-    except ValueError:
-        raise KittError(f"{server_url}/api/v1/ca.pem is not a PEM certificate") from None
+        pem, got = pki.single_ca_pem(response.content)
+    except pki.PkiError as exc:
+        raise KittError(f"{server_url}/api/v1/ca.pem: {exc}; refusing to trust it") from None
     if got != expected:
         raise KittError(
             f"the CA served by {server_url} has fingerprint {got}, not the expected "

@@ -37,9 +37,10 @@ def ensure_ca(paths: AgentPaths, server_url: str, ca_file: Path | None, pin: str
             pem = ca_file.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read --ca {ca_file}: {exc.strerror}") from exc
-        got = pki.fingerprint_of_pem(pem) if b"BEGIN CERTIFICATE" in pem else None
-        if got is None:
-            raise ConfigError(f"--ca {ca_file} is not a PEM certificate")
+        try:
+            pem, got = pki.single_ca_pem(pem)
+        except pki.PkiError as exc:
+            raise ConfigError(f"--ca {ca_file}: {exc}") from None
         if pin is not None and got != pki.normalize_fingerprint(pin):
             raise ConfigError(f"--ca {ca_file} has fingerprint {got}, not {pin}")
         save_ca(paths.ca, pem)

@@ -2,7 +2,7 @@
 # KITT agent installer, served by a KITT server at /api/v1/agent/install.sh.
 #
 #   curl -fsS --cacert ca.pem https://SERVER:8080/api/v1/agent/install.sh \
-#     | bash -s -- --cacert ca.pem --token BOOTSTRAP_TOKEN [--name N] [--port P] [--service]
+#     | KITT_BOOTSTRAP_TOKEN=… bash -s -- --cacert ca.pem [--name N] [--port P] [--service]
 #
 # `kitt agents add` on the server prints this line ready to paste, with a fresh
 # single-use token, and a second form that pins the fleet CA by its fingerprint.
@@ -14,8 +14,8 @@
 #   4. creates $KITT_HOME/agent-venvs/<version>-<hash> (KITT_HOME defaults to ~/.kitt)
 #      and installs the wheel there; dependencies come from the server's wheelhouse
 #      when it has one (no other network needed), else from the usual pip index;
-#   5. hands over to the new agent (`kitt-agent activate`): enrollment with the
-#      bootstrap token (kept identity on a re-run), preflight checks, then
+#   5. hands over to the new agent (`kitt-agent activate`): preflight checks,
+#      enrollment with the bootstrap token (kept identity on a re-run), then
 #      $KITT_HOME/agent-venv is pointed at the new venv and the agent (or, with
 #      --service, its systemd service) is (re)started.
 # A failure undoes what this run did: the new venv is removed, and the agent's
@@ -25,7 +25,10 @@ set -euo pipefail
 umask 022
 
 server='@KITT_SERVER_URL@'
+# The token is best given in the environment (`KITT_BOOTSTRAP_TOKEN=… bash …`, as
+# `kitt agents add` prints it): a command line is readable by every user of the machine.
 token="${KITT_BOOTSTRAP_TOKEN:-}"
+unset KITT_BOOTSTRAP_TOKEN
 python_bin="${KITT_PYTHON:-python3}"
 name=""
 port=""
@@ -43,7 +46,8 @@ die() {
 usage() {
     cat <<'EOF'
 usage: curl -fsS --cacert ca.pem https://SERVER:8080/api/v1/agent/install.sh | bash -s -- [options]
-  --token T              single-use bootstrap token (not needed to upgrade an enrolled agent)
+  --token T              single-use bootstrap token; better: KITT_BOOTSTRAP_TOKEN=T in the
+                         environment (a command line is visible to every user)
   --cacert FILE          the fleet CA (kitt server ca > ca.pem)
   --ca-fingerprint FP    or: fetch the CA and trust it only with this SHA-256 fingerprint
   --name N  --port P  --bind ADDR   the agent's name, port and listen address
@@ -58,6 +62,9 @@ value() {
     printf '%s' "$2"
 }
 
+# Everything runs from main, called on the last line: a download cut short by the
+# network cannot run half a script.
+main() {
 while [ "$#" -gt 0 ]; do
     case "$1" in
     --token) token=$(value "$@"); shift 2 ;;
@@ -80,8 +87,10 @@ https://* | http://*) ;;
 *) die "no server URL: pass --server https://HOST:PORT" ;;
 esac
 server="${server%/}"
+[ -n "${KITT_HOME:-}" ] || [ -n "${HOME:-}" ] || die "neither KITT_HOME nor HOME is set"
 home="${KITT_HOME:-$HOME/.kitt}"
 case "$home" in /*) ;; *) home="$PWD/$home" ;; esac
+export KITT_HOME="$home"
 
 # --- 1. what this machine must have --------------------------------------------------
 command -v curl >/dev/null 2>&1 || die "curl is not installed"
@@ -102,11 +111,16 @@ cleanup() {
     rc=$?
     rm -rf "$stage"
     [ "$rc" -eq 0 ] && return
+    # Interrupted after the switch (Ctrl-C while pruning): the new venv is in use now.
+    if [ -n "$new_venv" ] && [ "$(readlink -f "$home/agent-venv" 2>/dev/null)" = "$(readlink -f "$new_venv")" ]; then
+        return
+    fi
     if [ -n "$new_home" ] && [ -d "$new_home" ]; then
         rm -rf "$new_home" # made by this run, so nothing else is in it
         say "removed $new_home again"
     elif [ -n "$new_venv" ]; then
         rm -rf "$new_venv"
+        rmdir "$home/agent-venvs" 2>/dev/null || true # only if this run made it
         say "removed the unfinished $new_venv"
     fi
 }
@@ -129,23 +143,32 @@ if [ "${server#https://}" != "$server" ]; then
     else
         die "$server is HTTPS: pass --cacert ca.pem (on the server: kitt server ca > ca.pem) or --ca-fingerprint SHA256 (kitt server ca --fingerprint)"
     fi
+    # Exactly one certificate, checked, then written back from the checked bytes alone:
+    # a second certificate riding along would otherwise be trusted by curl unchecked.
     got=$("$python_bin" - "$stage/ca.pem" "$fingerprint" <<'PY'
 import hashlib, re, ssl, sys
+path, pin = sys.argv[1], sys.argv[2]
 try:
-    der = ssl.PEM_cert_to_DER_cert(open(sys.argv[1], encoding="ascii").read())
+    text = open(path, encoding="ascii").read()
+    count = text.count("-----BEGIN CERTIFICATE-----")
+    der = ssl.PEM_cert_to_DER_cert(text)
 except (ValueError, UnicodeDecodeError):
     print("not a PEM certificate")
     sys.exit(1)
+if count != 1:
+    print("a file with %d certificates, not one CA certificate" % count)
+    sys.exit(1)
 got = ":".join("%02X" % b for b in hashlib.sha256(der).digest())
 print(got)
-want = re.sub(r"[^0-9a-fA-F]", "", re.sub(r"(?i)^sha-?256[:/=]?", "", sys.argv[2].strip()))
-if sys.argv[2] and got.replace(":", "") != want.upper():
+want = re.sub(r"[^0-9a-fA-F]", "", re.sub(r"(?i)^sha-?256[:/=]?", "", pin.strip()))
+if pin and got.replace(":", "") != want.upper():
     sys.exit(2)
+open(path, "w", encoding="ascii").write(ssl.DER_cert_to_PEM_cert(der))
 PY
     ) || {
         case $? in
         2) die "the CA served by $server has fingerprint $got, not the expected $fingerprint: refusing to trust it (wrong server, or someone in between)" ;;
-        *) die "the fleet CA is $got" ;;
+        *) die "refusing the fleet CA: it is $got" ;;
         esac
     }
     say "trusting the fleet CA with SHA-256 fingerprint $got"
@@ -221,6 +244,10 @@ activate=(activate --venv "$venv" --server "$server")
 [ -n "$unit_name" ] && activate+=(--unit-name "$unit_name")
 [ "$service" -eq 1 ] && activate+=(--service)
 # The token travels in the environment, not on a command line other users can read.
-KITT_BOOTSTRAP_TOKEN="$token" "$venv/bin/kitt-agent" "${activate[@]}" ||
-    die "the agent was not activated (see above); the previous installation, if any, is unchanged"
+KITT_BOOTSTRAP_TOKEN="$token" KITT_HOME="$home" "$venv/bin/kitt-agent" "${activate[@]}" </dev/null ||
+    die "the agent was not activated (see above); the previous installation, if any, is as it was"
 new_venv=""
+new_home=""
+}
+
+main "$@"

@@ -99,6 +99,7 @@ class Context:
     port: int
     bind: str
     service: bool
+    ca: Path | None = None  # a CA given on the command line (the installer's, before init)
     server_version: str | None = None  # set by the server check, read by the version check
 
 
@@ -109,6 +110,8 @@ def load_context(
     port: int | None = None,
     service: bool = False,
     paths: AgentPaths | None = None,
+    bind: str | None = None,
+    ca: Path | None = None,
 ) -> Context:
     paths = paths or agent_paths()
     path = config_path or paths.config
@@ -128,8 +131,9 @@ def load_context(
         config_error=error,
         server_url=server_url or (config.server_url if config else None),
         port=port or (config.port if config else DEFAULT_AGENT_PORT),
-        bind=config.bind if config else "0.0.0.0",
+        bind=bind or (config.bind if config else "0.0.0.0"),
         service=service,
+        ca=ca,
     )
 
 
@@ -321,7 +325,10 @@ def check_datasets_dir(ctx: Context) -> Check:
 
 
 def _server_ca(ctx: Context) -> Path | None:
-    """The CA the agent trusts its server with: agent.yaml's, else the one init saved."""
+    """The CA the agent trusts its server with: the one given, agent.yaml's, else the one
+    init saved."""
+    if ctx.ca is not None:
+        return ctx.ca
     cfg = ctx.config
     if cfg is not None and cfg.tls is not None and cfg.tls.ca is not None:
         return cfg.tls.ca
@@ -574,14 +581,17 @@ def run_preflight(
     port: int | None = None,
     service: bool = False,
     paths: AgentPaths | None = None,
+    bind: str | None = None,
+    ca: Path | None = None,
 ) -> list[Check]:
     """All checks, in table order. ``config_path`` None: ``$KITT_HOME/agent.yaml`` where it
     exists (preflight also runs before ``kitt-agent init``); ``server_url`` and ``port``
     override agent.yaml's; ``service``: systemd is required (the installer is about to
     install the unit)."""
     ctx = load_context(
-        config_path=config_path, server_url=server_url, port=port, service=service, paths=paths
-    )
+        config_path=config_path, server_url=server_url, port=port, service=service, paths=paths,
+        bind=bind, ca=ca,
+    )  # fmt: skip
     engines = len(ctx.config.engines) if ctx.config else 0
     plan: list[tuple[str, bool, CheckFn, float]] = [
         ("python", True, check_python, 5),

@@ -70,8 +70,13 @@ def download_package(server_url: str, ca: Path | None, dest: Path) -> Download:
                 raise UpgradeError(
                     f"{server_url} sent a package description KITT cannot read"
                 ) from None
-            if not re.fullmatch(r"kitt_fleet-[A-Za-z0-9.+!_-]{1,100}\.whl", info.filename):
-                raise UpgradeError(f"{server_url} names an unexpected file {info.filename!r}")
+            # Both become file names here: nothing from the network may steer a path.
+            if not (
+                re.fullmatch(r"kitt_fleet-[A-Za-z0-9.+!_-]{1,100}\.whl", info.filename)
+                and re.fullmatch(r"[A-Za-z0-9.+!_-]{1,64}", info.version)
+                and re.fullmatch(r"[0-9a-f]{64}", info.sha256)
+            ):
+                raise UpgradeError(f"{server_url} describes its package in an unexpected way")
             wheel = dest / info.filename
             digest = hashlib.sha256()
             with client.stream("GET", "/api/v1/agent/package") as response:
@@ -157,17 +162,20 @@ def link_target(paths: AgentPaths) -> Path | None:
     return Path(os.path.realpath(link)) if link.is_symlink() else None
 
 
-def switch_link(paths: AgentPaths, venv: Path) -> None:
+def switch_link(paths: AgentPaths, venv: Path) -> Path | None:
     """Point ``agent-venv`` at ``venv`` in one rename. An ``agent-venv`` that is a real
-    folder (installed by hand) is moved into ``agent-venvs/`` first."""
+    folder (installed by hand) is moved into ``agent-venvs/`` first; returns where to."""
     link = paths.venv_link
+    moved = None
     if link.exists() and not link.is_symlink():
-        aside = paths.venvs / f"manual-{os.getpid()}"
-        link.rename(aside)
+        moved = paths.venvs / f"manual-{os.getpid()}"
+        paths.venvs.mkdir(parents=True, exist_ok=True)
+        link.rename(moved)
     tmp = link.with_name(f".agent-venv.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(os.path.relpath(venv, link.parent))
     tmp.replace(link)
+    return moved
 
 
 def prune_venvs(paths: AgentPaths, keep: set[Path], echo: Echo) -> None:
@@ -213,6 +221,7 @@ class Snapshot:
     files: dict[Path, bytes | None] = field(default_factory=dict)
     link: Path | None = None
     modes: dict[Path, int] = field(default_factory=dict)
+    moved: Path | None = None  # a hand-made agent-venv folder switch_link moved aside
 
     @classmethod
     def take(cls, paths: AgentPaths, config: Path) -> Snapshot:
@@ -233,10 +242,12 @@ class Snapshot:
                 write_private(path, data, self.modes.get(path, 0o600))
         if self.link is not None:
             switch_link(paths, self.link)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                if paths.venv_link.is_symlink():
-                    paths.venv_link.unlink()
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if paths.venv_link.is_symlink():
+                paths.venv_link.unlink()
+        if self.moved is not None and self.moved.is_dir():
+            self.moved.rename(paths.venv_link)
 
 
 def staging_dir() -> tempfile.TemporaryDirectory[str]:

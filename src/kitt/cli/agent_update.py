@@ -19,14 +19,16 @@ from pathlib import Path
 import click
 
 from kitt import __version__
-from kitt.agent.config import read_raw
+from kitt.agent.config import load_config, read_raw
 from kitt.agent.service import (
     DEFAULT_UNIT_NAME,
     Systemctl,
     install_service,
     privilege_prefix,
+    uninstall_service,
     unit_file_name,
     unit_path,
+    write_unit_file,
 )
 from kitt.agent.upgrade import (
     Snapshot,
@@ -42,7 +44,7 @@ from kitt.agent.upgrade import (
     venv_dir,
 )
 from kitt.cli.agent import _config_path, _enrolled, default_agent_name, init, probe_status
-from kitt.errors import KittError
+from kitt.errors import ApiError, KittError
 from kitt.paths import AgentPaths, agent_paths
 from kitt.process import pid_state, stop_daemon
 
@@ -100,6 +102,58 @@ def _check(argv: list[str], what: str) -> None:
         raise UpgradeError(f"{what} (exit {rc})")
 
 
+def _identity(ctx: click.Context, token: str | None, enrolled: bool, **init_args: object) -> None:
+    """Run ``init``: enroll with the token, or keep the identity this agent has.
+
+    With both a token and an identity, the server decides: an identity it revoked is
+    replaced (the token enrolls again), a live one is kept (the server refuses the token
+    with 409 and does not spend it), and a spent token (a re-run of the same line) keeps
+    it too.
+    """
+    if enrolled and token:
+        try:
+            ctx.invoke(init, token=token, **init_args)
+            return
+        except KittError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, ApiError) and cause.status in (401, 409)):
+                raise
+        click.echo(f"'{init_args['name'] or 'this agent'}' is enrolled already: keeping its "
+                   "identity")  # fmt: skip
+    ctx.invoke(init, token=None if enrolled else token, **init_args)
+
+
+def _registered(cfg_path: Path) -> None:
+    """An agent that runs but is not registered is not installed: say why it is not."""
+    report = probe_status(load_config(cfg_path))
+    if report is None or not report.registered:
+        reason = report.last_error if report is not None else "it does not answer"
+        raise UpgradeError(f"the agent started but is not registered with the server: {reason}")
+
+
+def _running_venv(paths: AgentPaths) -> Path | None:
+    """The venv the running daemon was started from (kept: it still runs from it)."""
+    st = pid_state(paths.pid)
+    if st.state != "running" or st.pid is None:
+        return None
+    try:
+        argv0 = Path(f"/proc/{st.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    venv = Path(argv0).parent.parent
+    return venv if venv.parent == paths.venvs else None
+
+
+@dataclass
+class _Undo:
+    """What an activation changed beyond the files in the Snapshot, to put back."""
+
+    stopped: bool = False
+    unit: str | None = None
+    unit_text: str = ""  # the unit file before ("" if there was none)
+    unit_touched: bool = False
+
+
 @click.command(hidden=True)
 @click.option("--venv", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--server", "server_url", required=True)
@@ -126,59 +180,100 @@ def activate(
     config: Path | None,
 ) -> None:
     """Switch this machine's agent to the venv this command runs from (installer use)."""
+    # Read once and dropped: the daemon and its benchmarks must not inherit it.
+    token = os.environ.pop(TOKEN_ENV, None) or None
     paths = agent_paths()
     cfg = _config_path(config)
     venv = Path(os.path.abspath(venv))
     previous = link_target(paths)
-    snapshot = Snapshot.take(paths, cfg)
+    keep = {venv, *(v for v in (previous, _running_venv(paths)) if v is not None)}
     before = Running(None, None) if no_start else _running(paths)
-    unit = unit_file_name(unit_name) if service else before.unit
-    stopped = False
+    undo = _Undo()
+    if not no_start:
+        ours = unit_file_name(unit_name)
+        # An installed KITT unit stays in charge even while stopped: a plain daemon next to
+        # it would be outside systemd's control.
+        if service or before.unit or _SERVICE_MARK in _read(unit_path(ours)):
+            undo.unit = before.unit or ours
+        if before.pid is not None:
+            report = probe_status(load_config(cfg))
+            if report is not None and report.running:
+                raise UpgradeError(
+                    f"the agent is running test {report.current_task}: try again once it is "
+                    "idle (kitt-agent stop --drain stops it after the test)"
+                )
+    snapshot = Snapshot.take(paths, cfg)
+    if undo.unit is not None:
+        undo.unit_text = _read(unit_path(undo.unit))
     try:
+        # Checks first, so that a machine that cannot run the agent is never enrolled.
+        check = [sys.executable, "-m", "kitt", "agent", "preflight", "--server", server_url]
+        check += ["--config", str(cfg)] if cfg.exists() else []
+        check += ["--port", str(port)] if port else []
+        check += ["--bind", bind] if bind else []
+        check += ["--ca", str(ca_file)] if ca_file else []
+        check += ["--service"] if undo.unit else []
+        _check(check, "a required preflight check failed")
         current = read_raw(cfg) if cfg.exists() else {}
         agent_name = name or current.get("name") or default_agent_name()
-        token = os.environ.get(TOKEN_ENV) or None
-        if token and _enrolled(current, server_url, agent_name, paths):
-            click.echo(f"'{agent_name}' is enrolled already; the bootstrap token was not used")
-            token = None
-        ctx.invoke(
-            init, server_url=server_url, token=token, name=name, port=port, bind=bind,
-            ca_file=ca_file, ca_fingerprint=None, bundle=None, config=config,
+        _identity(
+            ctx, token, _enrolled(current, server_url, agent_name, paths),
+            server_url=server_url, name=name, port=port, bind=bind, ca_file=ca_file,
+            ca_fingerprint=None, bundle=None, config=config,
         )  # fmt: skip
-        preflight = [sys.executable, "-m", "kitt", "agent", "preflight", "--config", str(cfg)]
-        _check(
-            [*preflight, *(["--service"] if service else [])], "a required preflight check failed"
-        )
         if no_start:
-            switch_link(paths, venv)
+            snapshot.moved = switch_link(paths, venv)
             click.echo(f"{paths.venv_link} -> {venv}; the running agent (if any) keeps the "
                        "old version until it restarts")  # fmt: skip
-        elif unit is not None:
-            switch_link(paths, venv)
-            install_service(click.echo, unit_name=unit, config=cfg, start=True)
-            if before.unit == unit:
-                _systemctl().run("restart", unit)
-                click.echo(f"ran systemctl restart {unit}")
         else:
-            if before.pid is not None:
+            if before.pid is not None and before.unit is None:
                 stop_daemon(paths.pid, "agent", STOP_TIMEOUT_S)
-                stopped = True
+                undo.stopped = True
                 click.echo(f"stopped the previous agent (pid {before.pid})")
-            switch_link(paths, venv)
-            _check([_kitt_agent(paths), "start", "--config", str(cfg)], "the agent did not start")
+            snapshot.moved = switch_link(paths, venv)
+            if undo.unit is not None:
+                undo.unit_touched = True
+                install_service(click.echo, unit_name=undo.unit, config=cfg, start=True)
+                if before.unit == undo.unit:
+                    _systemctl().run("restart", undo.unit)
+                    click.echo(f"ran systemctl restart {undo.unit}")
+            else:
+                _check([_kitt_agent(paths), "start", "--config", str(cfg)],
+                       "the agent did not start")  # fmt: skip
+            _registered(cfg)
     except BaseException:
-        click.echo("undoing: restoring the previous config, certificates and venv", err=True)
-        snapshot.restore(paths)
-        if stopped:
-            with _quietly():
-                _check([_kitt_agent(paths), "start", "--config", str(cfg)], "restart")
-                click.echo("restarted the previous agent", err=True)
-        elif before.unit is not None and unit == before.unit and not no_start:
-            with _quietly():
-                _systemctl().run("restart", before.unit)
+        click.echo("undoing: putting back the previous agent, config, certificates and venv",
+                   err=True)  # fmt: skip
+        _undo(paths, cfg, snapshot, before, undo)
         raise
-    prune_venvs(paths, {venv, *([previous] if previous else [])}, click.echo)
+    prune_venvs(paths, keep | ({snapshot.moved} if snapshot.moved else set()), click.echo)
     click.echo(f"kitt {__version__} is active: {paths.venv_link} -> {venv}")
+
+
+def _undo(paths: AgentPaths, cfg: Path, snapshot: Snapshot, before: Running, undo: _Undo) -> None:
+    """Put everything back; each step best effort, so one failure does not stop the rest."""
+    with _quietly():
+        st = pid_state(paths.pid)
+        if st.state == "running" and st.pid != before.pid and before.unit is None:
+            stop_daemon(paths.pid, "agent", STOP_TIMEOUT_S)  # a new daemon that came up late
+    if undo.unit is not None and undo.unit_touched:
+        with _quietly():
+            if not undo.unit_text:
+                uninstall_service(click.echo, unit_name=undo.unit)
+            else:
+                systemctl = _systemctl()
+                write_unit_file(unit_path(undo.unit), undo.unit_text, systemctl.prefix)
+                systemctl.run("daemon-reload")
+    with _quietly():
+        snapshot.restore(paths)
+    if undo.stopped:
+        with _quietly():
+            _check([_kitt_agent(paths), "start", "--config", str(cfg)], "restart")
+            click.echo("restarted the previous agent", err=True)
+    elif before.unit is not None:
+        with _quietly():
+            _systemctl().run("restart", before.unit)
+            click.echo(f"restarted {before.unit}", err=True)
 
 
 class _quietly:
@@ -189,7 +284,7 @@ class _quietly:
 
     def __exit__(self, *exc: object) -> bool:
         if exc[1] is not None and isinstance(exc[1], (KittError, OSError)):
-            click.echo(f"could not put the previous agent back: {exc[1]}", err=True)
+            click.echo(f"could not put the previous state back: {exc[1]}", err=True)
             return True
         return False
 
@@ -203,16 +298,27 @@ class _quietly:
     is_flag=True,
     help="Restart the agent (or its systemd service) on the new version at once.",
 )
-@click.option("--force", is_flag=True, help="Reinstall even when the server has nothing newer.")
-def update(config: Path | None, restart: bool, force: bool) -> None:
+@click.option(
+    "--force", is_flag=True, help="Activate again even when the server has nothing newer."
+)
+@click.option(
+    "--allow-http",
+    is_flag=True,
+    help="Accept a package over plain HTTP (nothing then proves where it came from).",
+)
+def update(config: Path | None, restart: bool, force: bool, allow_http: bool) -> None:
     """Install the agent version the server hands out (checked by its SHA-256) next to this
     one and switch to it; with --restart, restart the agent on it now."""
-    from kitt.agent.config import load_config
-
     path = _config_path(config)
     cfg = load_config(path)
     paths = agent_paths()
     https = cfg.server_url.startswith("https://")
+    if not https and not allow_http:
+        # The SHA-256 would travel over the same unauthenticated channel as the wheel.
+        raise UpgradeError(
+            f"{cfg.server_url} is plain HTTP: anyone on the path could hand this agent code "
+            "to run. Use an HTTPS server, or pass --allow-http on a network you trust"
+        )
     ca = (cfg.tls.ca if cfg.tls and cfg.tls.ca else paths.ca) if https else None
     if link_target(paths) is None:
         raise KittError(

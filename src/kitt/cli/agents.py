@@ -129,6 +129,7 @@ def show(name: str, server_url: str | None, history: int, as_json: bool) -> None
     with open_fleet(server_url) as fleet:
         detail = fleet.agent(name)
         beats = fleet.heartbeats(detail.id, history) if history else []
+        wanted = None if as_json else _wanted_version(fleet)
     if as_json:
         out = detail.model_dump(mode="json")
         out["heartbeats"] = [b.model_dump(mode="json") for b in beats]
@@ -142,7 +143,7 @@ def show(name: str, server_url: str | None, history: int, as_json: bool) -> None
         ("state", f"[{style}]{detail.state}[/]"),
         ("current task", escape(detail.current_task or "-")),
         ("host", escape(f"{detail.hostname} ({detail.address}:{detail.port})")),
-        ("kitt", escape(detail.kitt_version)),
+        ("kitt", _version(detail.kitt_version, wanted)),
         ("cpu", escape(detail.cpu_info or "-")),
         ("ram", f"{_fmt(detail.ram_used_gb, '')} / {_fmt(detail.ram_gb, ' GB')}"),
         ("gpus", escape(detail.gpu_info or "none")),

@@ -53,31 +53,37 @@ def add(
         _name(name)
     with open_fleet(server_url) as fleet:
         info = fleet.agent_package()
-        created = fleet.create_token(
-            TokenCreate(ttl_s=ttl, uses=1, note=f"kitt agents add {name or ''}".strip())
-        )
         base = (url or info.server_url).rstrip("/")
         fingerprint = None
         if base.startswith("https://"):
             try:
-                fingerprint = pki.fingerprint_of_pem(fleet.ca_pem())
-            except ValueError:
-                raise KittError("the server did not hand out a usable CA certificate") from None
-    args = ["--token", created.token]
+                fingerprint = pki.single_ca_pem(fleet.ca_pem())[1]
+            except pki.PkiError as exc:
+                raise KittError(f"the server's CA certificate is not usable: {exc}") from None
+        created = fleet.create_token(
+            TokenCreate(ttl_s=ttl, uses=1, note=f"kitt agents add {name or ''}".strip())
+        )
+    # The script's own default server is what the server announces; --url must win.
+    args = ["--server", base]
     args += ["--name", name] if name else []
     args += ["--port", str(port)] if port else []
     args += ["--service"] if service else []
     tail = " ".join(shlex.quote(a) for a in args)
     script = shlex.quote(base + INSTALL_PATH)
+    # The token rides in bash's environment, which only its user can read, not on its
+    # command line, which every user of the machine can (ps, /proc/PID/cmdline).
+    env = f"KITT_BOOTSTRAP_TOKEN={shlex.quote(created.token)}"
     lines: dict[str, str] = {}
     if fingerprint is None:
-        lines["plain"] = f"curl -fsS {script} | bash -s -- {tail}"
+        lines["plain"] = f"curl -fsS {script} | {env} bash -s -- {tail}"
     else:
-        lines["cacert"] = f"curl -fsS --cacert ca.pem {script} | bash -s -- --cacert ca.pem {tail}"
+        lines["cacert"] = (
+            f"curl -fsS --cacert ca.pem {script} | {env} bash -s -- --cacert ca.pem {tail}"
+        )
         lines["fingerprint"] = (
             f"curl -fsSk {script} -o kitt-install.sh && "
             f"echo '{info.install_sh_sha256}  kitt-install.sh' | sha256sum -c --quiet && "
-            f"bash kitt-install.sh --ca-fingerprint {fingerprint} {tail}"
+            f"{env} bash kitt-install.sh --ca-fingerprint {fingerprint} {tail}"
         )
     if as_json:
         body = {

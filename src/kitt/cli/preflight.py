@@ -66,10 +66,22 @@ def _server(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     type=click.IntRange(1, 65535),
     help="Agent port to check (default: agent.yaml's, else 8090).",
 )
+@click.option("--bind", help="Address the agent will listen on (default: agent.yaml's).")
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Fleet CA to check the server with (default: the agent's).",
+)
 @click.option("--service", is_flag=True, help="Require systemd (before service install).")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as a JSON list.")
 def preflight(
-    config: Path | None, server_url: str | None, port: int | None, service: bool, as_json: bool
+    config: Path | None,
+    server_url: str | None,
+    port: int | None,
+    bind: str | None,
+    ca: Path | None,
+    service: bool,
+    as_json: bool,
 ) -> None:
     """Check that this machine can run the agent: Python, GPUs (NVML) and what else runs
     on them, disk space, server reachable and trusted, agent port free, engines, systemd.
@@ -78,6 +90,8 @@ def preflight(
         config_path=config.absolute() if config else None,
         server_url=server_url,
         port=port,
+        bind=bind,
+        ca=ca.absolute() if ca else None,
         service=service,
     )
     if as_json:
