@@ -418,3 +418,69 @@ def test_unknown_option_and_missing_value(fleet: tuple[Kitt, Box]) -> None:
     r = box.sh("bash install.sh --token x")
     assert r.returncode == 1 and "pass --cacert ca.pem" in r.stderr
     assert sorted(box.leftovers()) == ["install.sh"]
+
+
+# --- as a systemd service ----------------------------------------------------------------
+
+
+def test_service_install_rerun_and_undo(fleet: tuple[Kitt, Box], tmp_path: Path) -> None:
+    """--service end to end, with a stand-in systemctl (tests/fake_systemctl.py) that runs
+    the unit's ExecStart the way systemd would."""
+    kitt, box = fleet
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    fake = tools / "systemctl"
+    fake.write_text(
+        f'#!/bin/sh\nexec {sys.executable} {Path(__file__).parent / "fake_systemctl.py"} "$@"\n'
+    )
+    fake.chmod(0o755)
+    units = tmp_path / "units"
+    units.mkdir()
+    log = tmp_path / "systemctl.log"
+    box.env.update(
+        PATH=f"{tools}{os.pathsep}{SYSTEM_PATH}",
+        KITT_SYSTEMD_UNIT_DIR=str(units),
+        FAKE_SYSTEMCTL_LOG=str(log),
+    )
+    unit_file = units / "kitt-agent.service"
+    main_pid = units / "kitt-agent.service.main-pid"
+    line = cacert_line(kitt, box, "--service")
+    first = box.sh(line)
+    assert first.returncode == 0, first.stdout + first.stderr
+    online(kitt, "gpu-07")
+    assert (
+        f"ExecStart={box.kitt_home}/agent-venv/bin/kitt-agent start --foreground"
+        in unit_file.read_text()
+    )
+    calls = log.read_text().splitlines()
+    assert "daemon-reload" in calls and "enable --now kitt-agent.service" in calls
+    pid = box.pid()
+    assert pid is not None and main_pid.read_text() == str(pid)  # systemd's own process
+
+    # Re-run: the unit stays in charge and is restarted (not a plain daemon beside it).
+    log.write_text("")
+    second = box.sh(line)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "restart kitt-agent.service" in log.read_text().splitlines()
+    online(kitt, "gpu-07")
+    assert box.pid() not in (None, pid) and main_pid.read_text() == str(box.pid())
+
+    # A failing restart is undone: unit file as it was, the previous agent running again.
+    unit_before = unit_file.read_text()
+    pid2 = box.pid()
+    wheel = next((kitt.home / "server" / "packages").glob("*.whl"))
+    served = bumped_wheel(wheel, "0.1.0.post9", tmp_path)
+    restart_server(kitt, "--wheelhouse", str(box.wheelhouse), "--agent-package", str(served))
+    link_before = os.path.realpath(box.kitt_home / "agent-venv")
+    box.env["FAKE_SYSTEMCTL_FAIL"] = "restart"
+    failed = box.sh(line)
+    del box.env["FAKE_SYSTEMCTL_FAIL"]
+    assert failed.returncode == 1
+    assert "`systemctl restart kitt-agent.service` failed" in failed.stderr + failed.stdout
+    assert unit_file.read_text() == unit_before
+    assert os.path.realpath(box.kitt_home / "agent-venv") == link_before
+    assert not any(
+        p.name.startswith("0.1.0.post9") for p in (box.kitt_home / "agent-venvs").iterdir()
+    )
+    assert box.pid() == pid2  # restart failed, so the previous agent was never stopped
+    assert online(kitt, "gpu-07")["kitt_version"] == "0.1.0"

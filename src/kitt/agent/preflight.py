@@ -34,6 +34,7 @@ import psutil
 
 from kitt import __version__, pki
 from kitt.agent.config import DEFAULT_AGENT_PORT, AgentConfig, load_config
+from kitt.agent.service import Systemctl
 from kitt.bench.engines import (
     EngineSpec,
     available_engines,
@@ -41,7 +42,7 @@ from kitt.bench.engines import (
     load_engines,
     shipped_engines,
 )
-from kitt.errors import ConfigError
+from kitt.errors import ConfigError, ServiceError
 from kitt.http import TlsFiles, build_client, error_message
 from kitt.paths import AgentPaths, agent_paths
 from kitt.process import pid_state
@@ -57,7 +58,6 @@ MIN_PYTHON = (3, 10)
 NETWORK_TIMEOUT_S = 5.0
 ENGINE_TIMEOUT_S = 10.0
 CERT_WARN_DAYS = 14
-SYSTEMD_RUNTIME_DIR = Path("/run/systemd/system")  # exists only where systemd is PID 1
 _NVML_VALUE_NOT_AVAILABLE = 2**64 - 1  # NVML's "unknown" for per-process memory
 
 
@@ -534,14 +534,19 @@ def check_engines(ctx: Context) -> list[Check]:
 
 
 def check_systemd(ctx: Context) -> Check:
+    """The same test ``kitt-agent service install`` applies (``systemctl
+    is-system-running``), so that preflight and the install never disagree."""
     result = _maker("systemd", ctx.service)
     systemctl = shutil.which("systemctl")
     if systemctl is None:
         problem = "no systemctl on PATH"
-    elif not SYSTEMD_RUNTIME_DIR.is_dir():
-        problem = f"systemd is not running here (no {SYSTEMD_RUNTIME_DIR}: a container, WSL?)"
     else:
-        return result("ok", f"systemd runs ({systemctl})")
+        try:
+            state = Systemctl(systemctl).require_running()
+        except ServiceError as exc:
+            problem = str(exc)
+        else:
+            return result("ok", f"systemd is {state} ({systemctl})")
     if ctx.service:
         return result("fail", f"{problem}: cannot install the service; use kitt-agent start")
     return result("warn", f"{problem}: kitt-agent service install will not work here")

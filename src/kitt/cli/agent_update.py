@@ -61,11 +61,11 @@ class Running:
     unit: str | None
 
 
-def _running(paths: AgentPaths) -> Running:
+def _running(paths: AgentPaths, unit_name: str) -> Running:
     st = pid_state(paths.pid)
     if st.state != "running" or st.pid is None:
         return Running(None, None)
-    unit = systemd_unit_of(st.pid)
+    unit = systemd_unit_of(st.pid) or _main_pid_of(unit_file_name(unit_name), st.pid)
     if unit is not None and _SERVICE_MARK not in _read(unit_path(unit)):
         # Restarting a unit KITT did not write could restart something else entirely
         # (a CI runner that started the agent); stopping it would leave systemd's control.
@@ -74,6 +74,18 @@ def _running(paths: AgentPaths) -> Running:
             "install: run `kitt-agent update` without --restart, then restart that unit"
         )
     return Running(st.pid, unit)
+
+
+def _main_pid_of(unit: str, pid: int) -> str | None:
+    """``unit`` if the KITT unit of that name is what runs ``pid`` (systemd's MainPID):
+    the cgroup says so on a normal host, this also where cgroups are not visible."""
+    if _SERVICE_MARK not in _read(unit_path(unit)):
+        return None
+    try:
+        shown = _systemctl().run("show", "--property", "MainPID", "--value", unit).stdout
+    except KittError:
+        return None
+    return unit if shown.strip() == str(pid) else None
 
 
 def _read(path: Path) -> str:
@@ -187,7 +199,7 @@ def activate(
     venv = Path(os.path.abspath(venv))
     previous = link_target(paths)
     keep = {venv, *(v for v in (previous, _running_venv(paths)) if v is not None)}
-    before = Running(None, None) if no_start else _running(paths)
+    before = Running(None, None) if no_start else _running(paths, unit_name)
     undo = _Undo()
     if not no_start:
         ours = unit_file_name(unit_name)
