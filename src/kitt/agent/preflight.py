@@ -113,6 +113,9 @@ def load_context(
     bind: str | None = None,
     ca: Path | None = None,
 ) -> Context:
+    """``config_path`` None: ``$KITT_HOME/agent.yaml`` where it exists (preflight also runs
+    before ``kitt-agent init``); the others override agent.yaml's; ``service``: systemd is
+    required (the installer is about to install the unit)."""
     paths = paths or agent_paths()
     path = config_path or paths.config
     required = config_path is not None or path.exists()
@@ -579,24 +582,10 @@ def _guarded(name: str, required: bool, fn: CheckFn, ctx: Context, limit: float)
     return outcome if isinstance(outcome, list) else [outcome]
 
 
-def run_preflight(
-    *,
-    config_path: Path | None = None,
-    server_url: str | None = None,
-    port: int | None = None,
-    service: bool = False,
-    paths: AgentPaths | None = None,
-    bind: str | None = None,
-    ca: Path | None = None,
-) -> list[Check]:
-    """All checks, in table order. ``config_path`` None: ``$KITT_HOME/agent.yaml`` where it
-    exists (preflight also runs before ``kitt-agent init``); ``server_url`` and ``port``
-    override agent.yaml's; ``service``: systemd is required (the installer is about to
-    install the unit)."""
-    ctx = load_context(
-        config_path=config_path, server_url=server_url, port=port, service=service, paths=paths,
-        bind=bind, ca=ca,
-    )  # fmt: skip
+def run_preflight(ctx: Context | None = None) -> list[Check]:
+    """All checks, in table order, for ``ctx`` (:func:`load_context`; default: this
+    agent's own config)."""
+    ctx = ctx or load_context()
     engines = len(ctx.config.engines) if ctx.config else 0
     plan: list[tuple[str, bool, CheckFn, float]] = [
         ("python", True, check_python, 5),
@@ -611,7 +600,7 @@ def run_preflight(
         ("version", False, check_version, 1),
         ("port", True, check_port, 10),
         ("engines", engines > 0, check_engines, 2.5 * ENGINE_TIMEOUT_S * (engines + 2)),
-        ("systemd", service, check_systemd, 5),
+        ("systemd", ctx.service, check_systemd, 5),
     ]
     checks: list[Check] = []
     for name, required, fn, limit in plan:

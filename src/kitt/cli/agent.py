@@ -23,7 +23,7 @@ from kitt.agent.config import (
 )
 from kitt.agent.enrollment import enroll, ensure_ca, install_bundle
 from kitt.agent.enrollment import renew as renew_certificate
-from kitt.agent.preflight import run_preflight
+from kitt.agent.preflight import load_context, run_preflight
 from kitt.agent.server_client import tls_files
 from kitt.cli.common import KittGroup, ago, console, human_duration
 from kitt.cli.preflight import preflight, print_report
@@ -236,7 +236,7 @@ def start(
 ) -> None:
     """Start the agent: register, heartbeat, and serve the agent API."""
     path = _config_path(config)
-    if run_checks and not print_report(run_preflight(config_path=path)):
+    if run_checks and not print_report(run_preflight(load_context(config_path=path))):
         raise SystemExit(1)
     cfg = load_config(path)
     paths = agent_paths()

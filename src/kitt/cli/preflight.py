@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from kitt.agent.preflight import Check, failures, run_preflight
+from kitt.agent.preflight import Check, failures, load_context, run_preflight
 from kitt.cli.common import console
 from kitt.urls import validate_server_url
 
@@ -86,7 +86,7 @@ def preflight(
     """Check that this machine can run the agent: Python, GPUs (NVML) and what else runs
     on them, disk space, server reachable and trusted, agent port free, engines, systemd.
     Exit 1 when a required check fails; advisory problems only warn."""
-    checks = run_preflight(
+    ctx = load_context(
         config_path=config.absolute() if config else None,
         server_url=server_url,
         port=port,
@@ -94,6 +94,7 @@ def preflight(
         ca=ca.absolute() if ca else None,
         service=service,
     )
+    checks = run_preflight(ctx)
     if as_json:
         click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
         ok = not failures(checks)
