@@ -282,7 +282,7 @@ def _undo(paths: AgentPaths, cfg: Path, snapshot: Snapshot, before: Running, und
         with _quietly():
             _check([_kitt_agent(paths), "start", "--config", str(cfg)], "restart")
             click.echo("restarted the previous agent", err=True)
-    elif before.unit is not None:
+    elif before.unit is not None and undo.unit_touched:  # untouched: it still runs as it was
         with _quietly():
             _systemctl().run("restart", before.unit)
             click.echo(f"restarted {before.unit}", err=True)
