@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -71,9 +70,6 @@ class HeartbeatThread(threading.Thread):
         self._on_token = on_token
         self._settings = settings
         self._stop_event = threading.Event()
-        # Set by set_interval() (and stop()): a wait in progress is cut short when the
-        # interval shrinks, so that the change takes effect at the next beat.
-        self._wake = threading.Event()
         self._backoff = Backoff(cap=backoff_max_s)
         self._load = HostLoad()
         self.interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
@@ -84,14 +80,16 @@ class HeartbeatThread(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
-        self._wake.set()
 
     def set_interval(self, interval_s: float) -> bool:
-        """Beat every ``interval_s`` from the next beat on; True when that is a change."""
+        """Beat every ``interval_s`` from the next beat on; True when that is a change.
+
+        Settings only arrive in this thread's own responses, so the wait that follows a
+        response already uses the new interval: nothing needs waking.
+        """
         if interval_s <= 0 or interval_s == self.interval_s:
             return False
         self.interval_s = interval_s
-        self._wake.set()
         return True
 
     def run(self) -> None:
@@ -104,23 +102,7 @@ class HeartbeatThread(threading.Thread):
                 self._state.server_error(f"internal error: {exc}")
                 delay = self._backoff.next()
             if delay > 0:
-                self._pause(delay)
-
-    def _pause(self, delay: float) -> None:
-        """Wait ``delay`` s, or less when the interval is shortened meanwhile: the next
-        beat then comes one (new) interval after this wait began."""
-        start = time.monotonic()
-        deadline = start + delay
-        basis = self.interval_s
-        while not self._stop_event.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            if self._wake.wait(remaining):
-                self._wake.clear()
-                if self.interval_s < basis:
-                    deadline = min(deadline, start + self._jittered())
-                basis = self.interval_s
+                self._stop_event.wait(delay)
 
     def _register(self) -> float:
         try:
