@@ -150,13 +150,16 @@ import hashlib, re, ssl, sys
 path, pin = sys.argv[1], sys.argv[2]
 try:
     text = open(path, encoding="ascii").read()
-    count = text.count("-----BEGIN CERTIFICATE-----")
-    der = ssl.PEM_cert_to_DER_cert(text)
-except (ValueError, UnicodeDecodeError):
-    print("not a PEM certificate")
-    sys.exit(1)
-if count != 1:
+except (OSError, UnicodeDecodeError):
+    text = ""
+count = text.count("-----BEGIN CERTIFICATE-----")
+if count > 1:  # counted first: parsing such a file fails at random, or reads the first
     print("a file with %d certificates, not one CA certificate" % count)
+    sys.exit(1)
+try:
+    der = ssl.PEM_cert_to_DER_cert(text)
+except ValueError:
+    print("not a PEM certificate")
     sys.exit(1)
 got = ":".join("%02X" % b for b in hashlib.sha256(der).digest())
 print(got)
