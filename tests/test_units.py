@@ -109,7 +109,7 @@ def test_reaper_marks_silent_agents_offline_and_prunes_old_history(tmp_path: Pat
         RegisterRequest(name="fresh", hostname="h", port=1, kitt_version="x"), None, now
     )
     beat = Heartbeat(status="idle", uptime_s=1)
-    store.record_heartbeats([
+    store.record_beats([
         BeatRecord(old, now - timedelta(hours=30), beat),
         BeatRecord(old, now - timedelta(seconds=100), beat),
         BeatRecord(fresh, now, beat),
@@ -132,9 +132,9 @@ def test_unknown_agent_in_a_batch_does_not_sink_the_others(tmp_path: Path) -> No
         RegisterRequest(name="k", hostname="h", port=1, kitt_version="x"), None, now
     )
     beat = Heartbeat(status="running", current_task="t1", uptime_s=5)
-    assert store.record_heartbeats(
+    assert store.record_beats(
         [BeatRecord("agt_gone", now, beat), BeatRecord(known, now, beat)]
-    ) == [False, True]
+    ) == [None, {}]  # unknown: None; known: its (empty) pushed settings
     agent = store.find("k")
     assert agent is not None and agent.status == "running" and agent.current_task == "t1"
 
@@ -147,7 +147,7 @@ def test_reaper_gives_agents_their_allowance_after_a_server_restart(tmp_path: Pa
         None,
         now - timedelta(hours=1),
     )
-    store.record_heartbeats(
+    store.record_beats(
         [BeatRecord(agent, now - timedelta(hours=1), Heartbeat(status="idle", uptime_s=1))]
     )
     settings = ServerSettings(paths=ServerPaths(tmp_path), heartbeat_interval_s=30)

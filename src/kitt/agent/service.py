@@ -247,6 +247,17 @@ _MODPROBE_NOTE = """\
 """
 
 
+UNIT_MARK = "Written by `kitt-agent service install`"
+
+
+def is_kitt_unit(unit: str) -> bool:
+    """Whether the installed unit of that name is one KITT wrote (safe to restart)."""
+    try:
+        return UNIT_MARK in unit_path(unit).read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
 def render_unit(
     *,
     command: Sequence[str],
@@ -274,7 +285,7 @@ def render_unit(
     if nvidia_modprobe:
         pre = _MODPROBE_NOTE + f"ExecStartPre=-+{_executable_word(nvidia_modprobe)} -u -c=0\n"
     return (
-        f"# Written by `kitt-agent service install` (KITT {__version__}).\n"
+        f"# {UNIT_MARK} (KITT {__version__}).\n"
         "# Re-run the install to change it: edits here are overwritten.\n"
         "[Unit]\n"
         "Description=KITT agent (runs LLM inference benchmarks on this GPU machine)\n"

@@ -22,7 +22,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +247,3 @@ class Snapshot:
                 paths.venv_link.unlink()
         if self.moved is not None and self.moved.is_dir():
             self.moved.rename(paths.venv_link)
-
-
-def staging_dir() -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix="kitt-update-")

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from kitt.agent.service import (
     DEFAULT_UNIT_NAME,
     Systemctl,
     install_service,
+    is_kitt_unit,
     privilege_prefix,
     uninstall_service,
     unit_file_name,
@@ -38,7 +40,6 @@ from kitt.agent.upgrade import (
     installed_sha,
     link_target,
     prune_venvs,
-    staging_dir,
     switch_link,
     systemd_unit_of,
     venv_dir,
@@ -48,7 +49,6 @@ from kitt.errors import ApiError, KittError
 from kitt.paths import AgentPaths, agent_paths
 from kitt.process import pid_state, stop_daemon
 
-_SERVICE_MARK = "Written by `kitt-agent service install`"
 TOKEN_ENV = "KITT_BOOTSTRAP_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 STOP_TIMEOUT_S = 60.0
 
@@ -66,7 +66,7 @@ def _running(paths: AgentPaths, unit_name: str) -> Running:
     if st.state != "running" or st.pid is None:
         return Running(None, None)
     unit = systemd_unit_of(st.pid) or _main_pid_of(unit_file_name(unit_name), st.pid)
-    if unit is not None and _SERVICE_MARK not in _read(unit_path(unit)):
+    if unit is not None and not is_kitt_unit(unit):
         # Restarting a unit KITT did not write could restart something else entirely
         # (a CI runner that started the agent); stopping it would leave systemd's control.
         raise UpgradeError(
@@ -79,7 +79,7 @@ def _running(paths: AgentPaths, unit_name: str) -> Running:
 def _main_pid_of(unit: str, pid: int) -> str | None:
     """``unit`` if the KITT unit of that name is what runs ``pid`` (systemd's MainPID):
     the cgroup says so on a normal host, this also where cgroups are not visible."""
-    if _SERVICE_MARK not in _read(unit_path(unit)):
+    if not is_kitt_unit(unit):
         return None
     try:
         shown = _systemctl().run("show", "--property", "MainPID", "--value", unit).stdout
@@ -205,7 +205,7 @@ def activate(
         ours = unit_file_name(unit_name)
         # An installed KITT unit stays in charge even while stopped: a plain daemon next to
         # it would be outside systemd's control.
-        if service or before.unit or _SERVICE_MARK in _read(unit_path(ours)):
+        if service or before.unit or is_kitt_unit(ours):
             undo.unit = before.unit or ours
         if before.pid is not None:
             report = probe_status(load_config(cfg))
@@ -338,7 +338,7 @@ def update(config: Path | None, restart: bool, force: bool, allow_http: bool) ->
             "link), so update does not know where to install: re-run the install line from "
             "`kitt agents add`, or upgrade its venv with pip"
         )
-    with staging_dir() as tmp:
+    with tempfile.TemporaryDirectory(prefix="kitt-update-") as tmp:
         download = download_package(cfg.server_url, ca, Path(tmp))
         info = download.info
         active = link_target(paths)

@@ -44,6 +44,7 @@ class AgentDownloads:
 
     package: AgentPackage
     install_script: bytes
+    install_script_sha256: str
     server_url: str
     wheels: dict[str, tuple[Path, str]]  # file name → (path, sha256)
 
@@ -52,7 +53,8 @@ class AgentDownloads:
         cls, package: AgentPackage, server_url: str, wheelhouse: Path | None
     ) -> AgentDownloads:
         wheels = {name: (p, sha256_file(p)) for name, p in wheelhouse_files(wheelhouse).items()}
-        return cls(package, render_install_script(server_url), server_url, wheels)
+        script = render_install_script(server_url)
+        return cls(package, script, hashlib.sha256(script).hexdigest(), server_url, wheels)
 
     def info(self) -> AgentPackageInfo:
         return AgentPackageInfo(
@@ -64,7 +66,7 @@ class AgentDownloads:
             server_version=__version__,
             server_url=self.server_url,
             wheelhouse=bool(self.wheels),
-            install_sh_sha256=hashlib.sha256(self.install_script).hexdigest(),
+            install_sh_sha256=self.install_script_sha256,
         )
 
 

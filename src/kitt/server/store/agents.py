@@ -177,10 +177,6 @@ class AgentStore:
                 conn.execute(_SAMPLE_INSERT, params)
         return [known.get(b.agent_id) for b in beats]
 
-    def record_heartbeats(self, beats: Sequence[BeatRecord]) -> list[bool]:
-        """:meth:`record_beats`, answering only whether each beat's agent exists."""
-        return [settings is not None for settings in self.record_beats(beats)]
-
     def settings_of(self, agent_id: str) -> dict[str, Any] | None:
         """The agent's pushed settings (flat keys), or None when there is no such agent."""
         with self.engine.connect() as conn:
