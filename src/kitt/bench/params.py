@@ -20,7 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kitt.bench.metrics import Slo
 from kitt.errors import KittError
-from kitt.protocol import describe_config_error
+from kitt.protocol import (
+    DEFAULT_TELEMETRY_INTERVAL_S,
+    SETTING_RANGES,
+    describe_config_error,
+)
 from kitt.urls import is_loopback
 
 DEFAULT_NUM_PROMPTS = 200
@@ -108,7 +112,12 @@ class ServeParams(BaseModel):
     min_tokens: bool | None = None
     timeout_s: float = Field(default=600.0, gt=0, le=86400)
     max_connections: int = Field(default=0, ge=0, le=100_000)
-    telemetry_interval_s: float = Field(default=1.0, ge=0.1, le=60)
+    # One definition with what the server may push as an agent's default (protocol.py).
+    telemetry_interval_s: float = Field(
+        default=DEFAULT_TELEMETRY_INTERVAL_S,
+        ge=SETTING_RANGES["telemetry_interval_s"][0],
+        le=SETTING_RANGES["telemetry_interval_s"][1],
+    )
     engine_timeout_s: float | None = Field(default=None, gt=0, le=7200)
     # Extra engine arguments (shell-style quoting, split here, never run by a shell); the
     # agent accepts them only for engines its agent.yaml marks `allow_args: true`.
