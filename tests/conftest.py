@@ -275,3 +275,26 @@ def demo_model() -> Path:
     from kitt.bench.tiny_model import ensure_demo_model
 
     return ensure_demo_model()
+
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the whole run (each test gets its own context)."""
+    from dashboard import launch_browser
+
+    yield from launch_browser()
+
+
+@pytest.fixture
+def dashboard(kitt: Kitt, browser: Any, tmp_path: Path) -> Iterator[Any]:
+    """A fresh browser context (no cookies) on the sandbox's server: start the server
+    first (``kitt.start_server()``), then ``dashboard.login()``."""
+    from dashboard import TIMEOUT_MS, Dashboard
+
+    shots = Path(os.environ.get("KITT_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1440, "height": 900}, ignore_https_errors=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    yield Dashboard(kitt, context.new_page(), shots)
+    context.close()

@@ -7,6 +7,7 @@ HTML page or a 500 (ARCHITECTURE.md §4); this module is where that rule lives.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Flask, Response, jsonify, request
@@ -90,6 +91,18 @@ def dump(model: BaseModel, status: int = 200) -> tuple[Response, int]:
     return Response(model.model_dump_json(), mimetype="application/json"), status
 
 
+PageErrorRenderer = Callable[[int, str], Any]
+PAGE_ERRORS = "kitt.page_errors"
+
+
+def _page_error(app: Flask, status: int, message: str) -> Any:
+    """An error on a dashboard page (not under /api/) is a page, not JSON."""
+    render: PageErrorRenderer | None = app.extensions.get(PAGE_ERRORS)
+    if render is None or request.path.startswith("/api/"):
+        return None
+    return render(status, message)
+
+
 def install_json_errors(app: Flask) -> None:
     """Make every error JSON, cap bodies at 1 MiB, and log (not leak) unexpected bugs."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -97,6 +110,9 @@ def install_json_errors(app: Flask) -> None:
 
     @app.errorhandler(ApiFailure)
     def _api_failure(exc: ApiFailure) -> Any:
+        page = _page_error(app, exc.status, exc.message)
+        if page is not None:
+            return page
         body, status = error(exc.status, exc.message)
         if status == 401:
             body.headers["WWW-Authenticate"] = 'Bearer realm="kitt"'
@@ -105,6 +121,9 @@ def install_json_errors(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:
         code = exc.code or 500
+        page = _page_error(app, code, exc.description or exc.name)
+        if page is not None:
+            return page
         if code == 413:
             return error(413, f"request body too large: the limit is {MAX_BODY_BYTES} bytes")
         if code == 404:

@@ -23,6 +23,7 @@ from kitt.server.store.agents import AgentStore, HeartbeatWriter
 from kitt.server.store.logs import LogStore
 from kitt.server.store.results import ResultStore
 from kitt.server.store.tests import TestStore
+from kitt.server.web import install_web
 from kitt.sse import StreamSlots
 
 
@@ -73,4 +74,5 @@ def create_app(
     app.register_blueprint(tests_api.bp)
     app.register_blueprint(results.bp)
     app.register_blueprint(tokens.bp)
+    install_web(app)
     return app

@@ -1,6 +1,8 @@
 """Who may call what on the server (ARCHITECTURE.md §6).
 
-* Users (CLI, REST, dashboard) present the **admin token**.
+* Users (CLI, REST) present the **admin token**. The dashboard trades it once for a
+  session cookie (HttpOnly, SameSite=Strict, Secure on HTTPS); a request carrying only
+  the cookie must also carry the session's CSRF token to change anything.
 * Agents present their **agent token**; on an HTTPS server also a client certificate
   signed by the fleet CA whose CN is the agent's name and whose role (OU) is agent. A
   token alone never suffices on HTTPS, and a certificate alone never suffices anywhere,
@@ -14,13 +16,17 @@ name in it is what the credential is checked against).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
-from flask import current_app, request
+from flask import current_app, g, request
 
 from kitt.jsonapi import ApiFailure
 from kitt.pki import AGENT_ROLE
 from kitt.server.store.credentials import CredentialStore, Identity
+from kitt.server.store.web_sessions import OpenSession, WebSessionStore, admin_fingerprint
 from kitt.tokens import bearer, same, token_hash
 
 ADMIN_HINT = (
@@ -36,19 +42,68 @@ class Auth:
     credentials: CredentialStore
     admin_token_hash: str | None  # None: --no-auth (loopback only)
     tls: bool
+    web_sessions: WebSessionStore | None = None
+    # The CSRF token of a --no-auth server's pages (there is no session to hold one):
+    # a page of another site cannot read it, so it cannot forge a change either.
+    anonymous_csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     @property
     def enabled(self) -> bool:
         return self.admin_token_hash is not None
 
+    @property
+    def cookie_name(self) -> str:
+        # __Host-: the browser keeps it only if Secure, host-only and Path=/ (HTTPS).
+        return "__Host-kitt_session" if self.tls else "kitt_session"
+
+    @property
+    def admin_fp(self) -> str:
+        return admin_fingerprint(self.admin_token_hash or "")
+
+    def admin_token_ok(self, token: str) -> bool:
+        return self.admin_token_hash is None or same(token_hash(token), self.admin_token_hash)
+
     def require_admin(self) -> None:
+        """The admin token, or a dashboard session (with its CSRF token for a change)."""
         if self.admin_token_hash is None:
             return
         token = bearer(request.headers.get("Authorization"))
         if token is None:
+            if self.web_session() is not None:
+                self.require_csrf()
+                return
             raise ApiFailure(401, f"this endpoint needs the admin token: {ADMIN_HINT}")
         if not same(token_hash(token), self.admin_token_hash):
             raise ApiFailure(401, f"admin token not accepted: {ADMIN_HINT}")
+
+    def web_session(self) -> OpenSession | None:
+        """The request's valid dashboard session, looked up once per request."""
+        if "kitt_session" not in g:
+            secret = request.cookies.get(self.cookie_name)
+            found = None
+            if secret and self.web_sessions is not None and self.enabled:
+                found = self.web_sessions.find(secret, self.admin_fp, datetime.now(timezone.utc))
+            g.kitt_session = found
+        return g.kitt_session  # type: ignore[no-any-return]
+
+    def csrf_token(self) -> str:
+        session = self.web_session()
+        return session.csrf_token if session is not None else self.anonymous_csrf
+
+    def require_csrf(self) -> None:
+        """A change asked for by a browser must come from our own pages.
+
+        The token is in a header (pages' scripts and htmx) or a form field (plain forms);
+        an ``Origin`` that is not this server is refused too, as a second line.
+        """
+        if request.method in SAFE_METHODS:
+            return
+        origin = request.headers.get("Origin")
+        if origin and origin != "null" and urlsplit(origin).netloc != request.host:
+            raise ApiFailure(403, "cross-site request refused (Origin is not this server)")
+        sent = request.headers.get(CSRF_HEADER) or _form_token()
+        if not sent or not same(sent, self.csrf_token()):
+            raise ApiFailure(403, "CSRF token missing or wrong: reload the page and try again")
 
     def presented_token(self) -> str | None:
         return bearer(request.headers.get("Authorization"))
@@ -103,6 +158,17 @@ class Auth:
             raise ApiFailure(
                 403, f"the client certificate is for agent {cn!r}, but the token is {name!r}'s"
             )
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+
+
+def _form_token() -> str | None:
+    if request.mimetype not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        return None
+    return request.form.get(CSRF_FIELD)
 
 
 def auth() -> Auth:

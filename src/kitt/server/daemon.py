@@ -30,6 +30,7 @@ from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.db import make_engine, migrate, sqlite_url
 from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
+from kitt.server.store.web_sessions import WebSessionStore
 from kitt.tokens import token_hash
 from kitt.urls import is_loopback
 
@@ -90,7 +91,8 @@ class ServerDaemon:
         admin_hash = None
         if not settings.no_auth:
             admin_hash = token_hash(ensure_admin_token(settings.paths.admin_token)[0])
-        auth = Auth(credentials, admin_hash, tls=certs is not None)
+        sessions = WebSessionStore(self._engine)
+        auth = Auth(credentials, admin_hash, tls=certs is not None, web_sessions=sessions)
         events = self._events = EventHub()
         tests = TestStore(self._engine, on_change=events.notify)
         self._heartbeats = heartbeat_writer(store)

@@ -224,3 +224,19 @@ class BenchResult(Base):
     goodput: Mapped[float | None] = mapped_column(Float)
     error_rate: Mapped[float | None] = mapped_column(Float)
     document: Mapped[dict[str, Any]] = mapped_column(JsonText)
+
+
+class WebSession(Base):
+    """A dashboard login. The cookie carries a random secret; only its SHA-256 is kept,
+    so a database dump opens no session. Logging out deletes the row, which ends the
+    session at once (a signed cookie alone could not be taken back)."""
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    # Which admin token opened it (a hash of its hash): a new admin token ends every
+    # session opened with the old one.
+    admin_fp: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
