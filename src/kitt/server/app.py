@@ -39,7 +39,8 @@ def create_app(
     certs: ServerCerts | None = None,
     downloads: AgentDownloads | None = None,
 ) -> Flask:
-    app = Flask("kitt.server")
+    # static_folder=None: the dashboard blueprint serves /static (the app's own rule would win).
+    app = Flask("kitt.server", static_folder=None)
     install_json_errors(app)
     install_openapi(app, server_openapi)
     app.extensions["kitt.settings"] = settings
