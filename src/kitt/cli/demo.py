@@ -134,9 +134,10 @@ def demo(
     _stop_all(keep)
     if keep:
         console.print(
-            f"\nserver and agent still running. Explore with [bold]export KITT_HOME={home}[/bold], "
-            "then: kitt agents list · kitt results list · kitt results show ID · "
-            "kitt test list · kitt server stop && kitt agent stop"
+            f"\nserver and agent still running. Open the dashboard at {_dashboard_url()} "
+            f"(admin token: {home / 'server' / 'admin-token'}), or explore with "
+            f"[bold]export KITT_HOME={home}[/bold], then: kitt agents list · kitt results "
+            "list · kitt results show ID · kitt test list · kitt server stop && kitt agent stop"
         )
     elif temporary:
         shutil.rmtree(home, ignore_errors=True)
@@ -144,6 +145,12 @@ def demo(
                       "(--keep leaves them running to explore)")  # fmt: skip
     else:
         console.print(f"stopped the server and the agent; their data stays in {escape(str(home))}")
+
+
+def _dashboard_url() -> str:
+    from kitt.fleet_client import resolve_server_url
+
+    return resolve_server_url(None) + "/"
 
 
 def _stop_all(keep: bool) -> None:
@@ -169,6 +176,11 @@ def _run(
     console.print("starting the server (SQLite, loopback) …")
     _kitt("server", "start", "--port", "0")
     server_url = resolve_server_url(None)
+    console.print(
+        f"dashboard: {server_url}/ (admin token in {home / 'server' / 'admin-token'}; "
+        "--keep leaves it running after the demo)",
+        highlight=False,
+    )
     with connect(None) as fleet:
         console.print(f"starting the agent {DEMO_AGENT} …")
         _kitt("agent", "init", "--server", server_url, "--name", DEMO_AGENT,

@@ -227,6 +227,9 @@ def start(
     pid = spawn_background(foreground_argv(argv), paths.log, ready_timeout)
     url = json.loads(paths.endpoint.read_text())["url"]
     click.echo(f"server started (pid {pid}) at {url}; data in {paths.data_dir}; log: {paths.log}")
+    public = json.loads(paths.endpoint.read_text()).get("public_url", url)
+    sign_in = "no sign-in (--no-auth)" if no_auth else "sign in with the admin token"
+    click.echo(f"dashboard: {public}/ ({sign_in})")
     _print_security(paths, url, tls, no_auth, new_token)
 
 
