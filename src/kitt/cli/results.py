@@ -2,21 +2,20 @@
 
 Documents come from agents and from files anyone made, so everything read from one is
 treated as untrusted: numbers are taken only when they are numbers, and every string is
-escaped before rich renders it (a model named ``[red]x`` prints as is).
+escaped before rich renders it (a model named ``[red]x`` prints as is). Reading,
+comparing and exporting documents lives in ``kitt.results_compare``, shared with the
+dashboard.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
@@ -26,210 +25,33 @@ from kitt.cli.common import Duration, KittGroup, console, open_fleet, server_opt
 from kitt.errors import ApiError, KittError
 from kitt.fleet_client import FleetClient
 from kitt.protocol import ID_RE, MAX_BODY_BYTES, ResultDetail, ResultRow
+from kitt.results_compare import (
+    CSV_COLUMNS,  # noqa: F401 (re-exported: the CSV's columns, documented with the CLI)
+    NOISE_RULE,
+    Comparison,
+    compare,
+    delta_pct,  # noqa: F401 (re-exported)
+    dig,
+    fmt,
+    fmt_rate,
+    noise_threshold,  # noqa: F401 (re-exported)
+    number,
+    step_metric,
+    step_names,
+    steps_of,
+    to_csv,
+    to_json,
+)
+from kitt.results_compare import csv_cell as _csv_value  # noqa: F401 (re-exported)
 
 PAGE = 1000
-Better = Literal["higher", "lower"]
-
-# What compare and export read from a step, by a dotted path into its ``metrics`` (the
-# names the document's ``repeats`` use), with the direction that is an improvement.
-STEP_METRICS: tuple[tuple[str, str, Better], ...] = (
-    ("output_token_throughput", "out tok/s", "higher"),
-    ("request_throughput", "req/s", "higher"),
-    ("goodput", "goodput req/s", "higher"),
-    ("ttft_ms.p50", "TTFT p50 ms", "lower"),
-    ("ttft_ms.p99", "TTFT p99 ms", "lower"),
-    ("tpot_ms.p50", "TPOT p50 ms", "lower"),
-    ("tpot_ms.p99", "TPOT p99 ms", "lower"),
-    ("itl_ms.p50", "ITL p50 ms", "lower"),
-    ("e2e_ms.p50", "E2E p50 ms", "lower"),
-    ("error_rate", "error rate", "lower"),
-)
-# Each ``summary`` field and the step metric it was taken from (for the noise estimate).
-SUMMARY_OF_STEP = {
-    "output_token_throughput": "best_output_token_throughput",
-    "request_throughput": "request_throughput",
-    "goodput": "goodput",
-    "ttft_ms.p50": "ttft_ms_p50",
-    "ttft_ms.p99": "ttft_ms_p99",
-    "tpot_ms.p50": "tpot_ms_p50",
-    "tpot_ms.p99": "tpot_ms_p99",
-    "itl_ms.p50": "itl_ms_p50",
-    "e2e_ms.p50": "e2e_ms_p50",
-    "error_rate": "error_rate",
-}
-NOISE_RULE = "a difference exceeds run-to-run noise when |a - b| > 2*sqrt(std_a^2 + std_b^2)"
-CSV_COLUMNS = (
-    "result_id", "created_at", "source", "test_id", "agent", "gpu_model", "gpu_count",
-    "engine", "engine_version", "model", "step", "repeat_index", "load_mode", "concurrency",
-    "rate", "requests", "completed", "errors", "error_rate", "request_throughput",
-    "output_token_throughput", "total_token_throughput", "ttft_ms_p50", "ttft_ms_p90",
-    "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50",
-    "e2e_ms_p99", "goodput", "good_fraction", "energy_per_output_token_j",
-)  # fmt: skip
-
-
-# --- reading documents defensively ------------------------------------------------------
-
-
-def number(value: Any) -> float | None:
-    """``value`` if it is a finite JSON number (not a boolean), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def dig(obj: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(key)
-    return obj
-
-
-def step_metric(step: Any, dotted: str) -> float | None:
-    return number(dig(step, "metrics", *dotted.split(".")))
-
-
-def steps_of(document: dict[str, Any]) -> list[dict[str, Any]]:
-    steps = document.get("steps")
-    return [s for s in steps if isinstance(s, dict)] if isinstance(steps, list) else []
-
-
-def step_names(document: dict[str, Any]) -> list[str]:
-    """Distinct step names, in run order (repeats of a step share its name)."""
-    names: dict[str, None] = {}
-    for step in steps_of(document):
-        if isinstance(step.get("name"), str):
-            names[step["name"]] = None
-    return list(names)
-
-
-def repeat_stats(document: dict[str, Any], step: str, dotted: str) -> tuple[float, float] | None:
-    """(mean, std) of a step metric across repeats, when the document has them."""
-    repeats = document.get("repeats")
-    if not isinstance(repeats, list):
-        return None
-    for entry in repeats:
-        if isinstance(entry, dict) and entry.get("name") == step:
-            stats = dig(entry, "metrics", dotted)
-            mean, std = number(dig(stats, "mean")), number(dig(stats, "std"))
-            if mean is not None and std is not None:
-                return mean, std
-    return None
-
-
-def step_value(document: dict[str, Any], step: str, dotted: str) -> float | None:
-    """A step's metric: the mean across repeats when there are several runs of it."""
-    stats = repeat_stats(document, step, dotted)
-    if stats is not None:
-        return stats[0]
-    values = [v for s in steps_of(document) if s.get("name") == step
-              if (v := step_metric(s, dotted)) is not None]  # fmt: skip
-    return sum(values) / len(values) if values else None
-
-
-# --- compare ----------------------------------------------------------------------------
-
-
-@dataclass
-class Comparison:
-    """One metric across results: values, the run-to-run std when known, and deltas
-    against the first result (the baseline)."""
-
-    scope: str  # "summary" or a step name
-    metric: str
-    label: str
-    better: Better
-    values: list[float | None]
-    stds: list[float | None]
-    deltas_pct: list[float | None] = field(default_factory=list)
-    # None: noise unknown (no repeats on one side); True/False: |Δ| exceeds the threshold.
-    exceeds_noise: list[bool | None] = field(default_factory=list)
-    noise_threshold: list[float | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        base, base_std = self.values[0], self.stds[0]
-        for value, std in zip(self.values, self.stds, strict=True):
-            self.deltas_pct.append(delta_pct(base, value))
-            threshold = noise_threshold(base_std, std)
-            self.noise_threshold.append(threshold)
-            if threshold is None or base is None or value is None:
-                self.exceeds_noise.append(None)
-            else:
-                self.exceeds_noise.append(abs(value - base) > threshold)
-        self.deltas_pct[0] = None
-        self.exceeds_noise[0] = None
-        self.noise_threshold[0] = None
-
-    def show(self, value: float | None) -> str:
-        return fmt_rate(value) if self.metric.endswith("error_rate") else fmt(value)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "scope": self.scope, "metric": self.metric, "better": self.better,
-            "values": self.values, "std": self.stds, "delta_pct": self.deltas_pct,
-            "noise_threshold": self.noise_threshold, "exceeds_noise": self.exceeds_noise,
-        }  # fmt: skip
-
-
-def delta_pct(base: float | None, value: float | None) -> float | None:
-    """(value - base) / |base| in %; None when either is missing or base is 0 and not value."""
-    if base is None or value is None:
-        return None
-    if base == 0:
-        return 0.0 if value == 0 else None
-    return (value - base) / abs(base) * 100.0
-
-
-def noise_threshold(std_a: float | None, std_b: float | None) -> float | None:
-    """The smallest difference that is not run-to-run noise: 2*sqrt(std_a^2 + std_b^2)."""
-    if std_a is None or std_b is None:
-        return None
-    return 2.0 * math.sqrt(std_a**2 + std_b**2)
-
-
-def compare(documents: Sequence[dict[str, Any]]) -> list[Comparison]:
-    """Summary metrics, then each step of the baseline that another result also ran."""
-    rows = []
-    for dotted, label, better in STEP_METRICS:
-        key = SUMMARY_OF_STEP[dotted]
-        values = [number(dig(d, "summary", key)) for d in documents]
-        stds = []
-        for d in documents:
-            best = dig(d, "summary", "best_step")
-            stats = repeat_stats(d, best, dotted) if isinstance(best, str) else None
-            stds.append(stats[1] if stats else None)
-        rows.append(Comparison("summary", key, label, better, values, stds))
-    baseline, others = documents[0], documents[1:]
-    for step in step_names(baseline):
-        if not any(step in step_names(d) for d in others):
-            continue
-        for dotted, label, better in STEP_METRICS:
-            values = [step_value(d, step, dotted) for d in documents]
-            stds = [(s[1] if (s := repeat_stats(d, step, dotted)) else None) for d in documents]
-            rows.append(Comparison(step, dotted, label, better, values, stds))
-    return rows
 
 
 # --- formatting -------------------------------------------------------------------------
 
 
-def fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def count(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
-
-
-def fmt_rate(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.2f}%"
 
 
 def text(value: Any) -> str:
@@ -587,10 +409,7 @@ def export(agent: str | None, model: str | None, engine: str | None, gpu: str | 
     filters = Filters(agent, model, engine, gpu, since, until)
     with open_fleet(server_url) as fleet:
         details = [_fetch(fleet, r.id) for r in list(_rows(fleet, filters, limit))]
-    if fmt_ == "json":
-        body = json.dumps([d.model_dump(mode="json") for d in details], indent=2) + "\n"
-    else:
-        body = to_csv(details)
+    body = to_json(details) if fmt_ == "json" else to_csv(details)
     if output is None:
         sys.stdout.write(body)
         return
@@ -599,62 +418,6 @@ def export(agent: str | None, model: str | None, engine: str | None, gpu: str | 
     except OSError as exc:
         raise KittError(f"cannot write {output}: {exc.strerror or exc}") from None
     click.echo(f"{len(details)} results written to {output}", err=True)
-
-
-def csv_rows(result: ResultDetail) -> Iterable[dict[str, Any]]:
-    base = {
-        "result_id": result.id, "created_at": result.created_at.isoformat(),
-        "source": result.source, "test_id": result.test_id, "agent": result.agent_name,
-        "gpu_model": result.gpu_model, "gpu_count": result.gpu_count, "engine": result.engine,
-        "engine_version": result.engine_version, "model": result.model,
-    }  # fmt: skip
-    for step in steps_of(result.document):
-        load = step.get("load") if isinstance(step.get("load"), dict) else {}
-        name = step.get("name")
-        yield {
-            **base,
-            "step": name if isinstance(name, str) else None,
-            "repeat_index": number(step.get("repeat_index")),
-            "load_mode": dig(load, "mode") if isinstance(dig(load, "mode"), str) else None,
-            "concurrency": number(dig(load, "concurrency")),
-            "rate": number(dig(load, "rate")),
-            **{column: step_metric(step, metric) for column, metric in (
-                ("requests", "requests"), ("completed", "completed"), ("errors", "errors"),
-                ("error_rate", "error_rate"), ("request_throughput", "request_throughput"),
-                ("output_token_throughput", "output_token_throughput"),
-                ("total_token_throughput", "total_token_throughput"),
-                ("ttft_ms_p50", "ttft_ms.p50"), ("ttft_ms_p90", "ttft_ms.p90"),
-                ("ttft_ms_p99", "ttft_ms.p99"), ("tpot_ms_p50", "tpot_ms.p50"),
-                ("tpot_ms_p99", "tpot_ms.p99"), ("itl_ms_p50", "itl_ms.p50"),
-                ("itl_ms_p99", "itl_ms.p99"), ("e2e_ms_p50", "e2e_ms.p50"),
-                ("e2e_ms_p99", "e2e_ms.p99"), ("goodput", "goodput"),
-                ("good_fraction", "good_fraction"))},
-            "energy_per_output_token_j":
-                number(dig(step, "telemetry", "energy_per_output_token_j")),
-        }  # fmt: skip
-
-
-def _csv_value(value: Any) -> Any:
-    """Whole numbers without ``.0`` (counts read as counts), missing values empty, and text
-    that a spreadsheet would run as a formula (a model or host name from an agent starting
-    with ``=``, ``+``, ``-``, ``@``) defused with a leading quote (OWASP CSV injection)."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    return value
-
-
-def to_csv(results: Iterable[ResultDetail]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for result in results:
-        for row in csv_rows(result):
-            writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    return out.getvalue()
 
 
 @results_group.command("import")

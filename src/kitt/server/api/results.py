@@ -75,10 +75,13 @@ def _get(result_id: str) -> BenchResult:
     return found
 
 
+def detail(result: BenchResult) -> ResultDetail:
+    return ResultDetail(**row(result).model_dump(), document=result.document)
+
+
 @bp.get("/<result_id>")
 def show(result_id: str) -> Any:
-    found = _get(result_id)
-    return dump(ResultDetail(**row(found).model_dump(), document=found.document))
+    return dump(detail(_get(result_id)))
 
 
 @bp.post("")

@@ -201,6 +201,25 @@ class ResultStore:
         with self.sessions() as s:
             return list(s.scalars(query.limit(limit).offset(offset)))
 
+    def facets(self, limit: int = 500) -> dict[str, list[str]]:
+        """The distinct agents, models, engines and GPU models stored (sorted, at most
+        ``limit`` each): the dashboard offers them as filter choices, so that a filter
+        is picked, not guessed at and mistyped."""
+        columns = {
+            "agent": BenchResult.agent_name,
+            "model": BenchResult.model,
+            "engine": BenchResult.engine,
+            "gpu": BenchResult.gpu_model,
+        }
+        with self.sessions() as s:
+            return {
+                key: list(s.scalars(
+                    select(column).where(column.is_not(None)).distinct().order_by(column)
+                    .limit(limit)
+                ))
+                for key, column in columns.items()
+            }  # fmt: skip
+
     def delete(self, result_id: str) -> bool:
         with self.sessions.begin() as s:
             gone = s.execute(delete(BenchResult).where(BenchResult.id == result_id))

@@ -7,6 +7,7 @@
  *   yLabel: "%", series: [{label: "GPU 0", values: [...]}, ...], height: 220,
  *   digits: 1,          // decimals in the table
  *   xValues: [...],     // optional labels for the table's first column (e.g. step names)
+ *   xLog: true,         // a log2 x axis: concurrency 1, 4, 16, 64 spaced evenly
  * }) -> {plot, update(x, series)}
  */
 (function () {
@@ -61,7 +62,7 @@
     const opts = {
       width: width,
       height: spec.height || 220,
-      scales: { x: { time: !!spec.time } },
+      scales: { x: spec.xLog ? { time: false, distr: 3, log: 2 } : { time: !!spec.time } },
       axes: [
         { label: spec.time ? "" : (spec.xLabel || ""), stroke: "#333" },
         { label: spec.yLabel || "", stroke: "#333" },
