@@ -277,7 +277,6 @@ def demo_model() -> Path:
     return ensure_demo_model()
 
 
-
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     """One headless Chromium for the whole run (each test gets its own context)."""

@@ -187,7 +187,9 @@ def _routes() -> list[tuple[str, str, str]]:
                      None)  # type: ignore[arg-type]  # fmt: skip
     found = []
     for rule in app.url_map.iter_rules():
-        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", "x", rule.rule)
+        # A placeholder each converter accepts: "x", or an any(...) rule's first choice.
+        path = re.sub(r"<any\(([^,)]+)[^>]*>", lambda m: m[1].strip(" '\""), rule.rule)
+        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", "x", path)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             found.append((method, path, rule.endpoint))
     return sorted(found)

@@ -10,7 +10,7 @@ from kitt import __version__
 from kitt.jsonapi import ApiFailure, dump, install_json_errors
 from kitt.openapi import install_openapi
 from kitt.protocol import Health
-from kitt.server.api import agent_channel, agent_package, fleet, results, tokens
+from kitt.server.api import agent_channel, agent_package, fleet, fleet_events, results, tokens
 from kitt.server.api import tests as tests_api
 from kitt.server.api.agent_package import AgentDownloads
 from kitt.server.api.openapi_spec import server_openapi
@@ -72,6 +72,7 @@ def create_app(
     app.register_blueprint(agent_channel.bp)
     app.register_blueprint(agent_package.bp)
     app.register_blueprint(fleet.bp)
+    app.register_blueprint(fleet_events.bp)
     app.register_blueprint(tests_api.bp)
     app.register_blueprint(results.bp)
     app.register_blueprint(tokens.bp)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+# The topic of "some agent's row may have changed" (test topics are test ids, ``tst_…``).
+FLEET_TOPIC = "fleet"
+
 
 class EventHub:
     def __init__(self) -> None:

@@ -23,8 +23,10 @@ from kitt.protocol import (
     split_engine_key,
 )
 from kitt.server.auth import auth, require_admin
+from kitt.server.events import FLEET_TOPIC, EventHub
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore
+from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.models import Agent, AgentCredential
 from kitt.server.store.tests import TestStore
 
@@ -61,6 +63,40 @@ def summary_fields(agent: Agent, cred: AgentCredential | None) -> dict[str, Any]
     }
 
 
+# What summary_fields reads of an agent (and all that summaries() loads).
+SUMMARY_COLUMNS = (
+    Agent.id, Agent.name, Agent.hostname, Agent.address, Agent.port, Agent.status,
+    Agent.online, Agent.current_task, Agent.kitt_version, Agent.gpu_info, Agent.gpu_count,
+    Agent.gpu_utilization_pct, Agent.gpu_memory_used_gb, Agent.registered_at,
+    Agent.last_seen_at,
+)  # fmt: skip
+
+
+def summaries(store: AgentStore, credentials: CredentialStore) -> list[dict[str, Any]]:
+    """Every agent as ``GET /api/v1/agents`` lists it (the dashboard's fleet stream and
+    page send the very same dicts)."""
+    creds = credentials.all()
+    return [
+        AgentSummary(**summary_fields(a, creds.get(a.name))).model_dump(mode="json")
+        for a in store.list_agents(only=SUMMARY_COLUMNS)
+    ]
+
+
+def agent_detail(agent: Agent) -> AgentDetail:
+    """One agent as ``GET /api/v1/agents/<id>`` shows it (and the dashboard's agent page)."""
+    return AgentDetail(
+        **summary_fields(agent, auth().credentials.get(agent.name)),
+        cpu_info=agent.cpu_info,
+        ram_gb=agent.ram_gb,
+        hardware=Hardware.model_validate(agent.hardware),
+        capabilities=agent.capabilities,
+        uptime_s=agent.uptime_s,
+        cpu_percent=agent.cpu_percent,
+        ram_used_gb=agent.ram_used_gb,
+        gpus=[GpuSample.model_validate(g) for g in agent.gpus],
+    )
+
+
 def _get(id_or_name: str) -> Agent:
     agent = _store().find(id_or_name)
     if agent is None:
@@ -70,30 +106,12 @@ def _get(id_or_name: str) -> Agent:
 
 @bp.get("")
 def list_agents() -> Response:
-    creds = auth().credentials.all()
-    agents = [
-        AgentSummary(**summary_fields(a, creds.get(a.name))).model_dump(mode="json")
-        for a in _store().list_agents()
-    ]
-    return jsonify(agents=agents)
+    return jsonify(agents=summaries(_store(), auth().credentials))
 
 
 @bp.get("/<id_or_name>")
 def show(id_or_name: str) -> Any:
-    agent = _get(id_or_name)
-    return dump(
-        AgentDetail(
-            **summary_fields(agent, auth().credentials.get(agent.name)),
-            cpu_info=agent.cpu_info,
-            ram_gb=agent.ram_gb,
-            hardware=Hardware.model_validate(agent.hardware),
-            capabilities=agent.capabilities,
-            uptime_s=agent.uptime_s,
-            cpu_percent=agent.cpu_percent,
-            ram_used_gb=agent.ram_used_gb,
-            gpus=[GpuSample.model_validate(g) for g in agent.gpus],
-        )
-    )
+    return dump(agent_detail(_get(id_or_name)))
 
 
 @bp.get("/<id_or_name>/heartbeats")
@@ -196,4 +214,6 @@ def revoke(id_or_name: str) -> Any:
     if not auth().credentials.revoke(name, datetime.now(timezone.utc)):
         raise ApiFailure(404, f"no agent {id_or_name[:80]!r} with a live credential")
     current_app.logger.warning("agent %s: credential revoked", name)
+    hub: EventHub = current_app.extensions["kitt.events"]
+    hub.notify(FLEET_TOPIC)  # the agent's own store writes stop now: nothing else would tell
     return jsonify(revoked=True, name=name)

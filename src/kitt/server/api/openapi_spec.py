@@ -116,7 +116,10 @@ SEQ: JsonSchema = {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}
 _STR: JsonSchema = {"type": "string"}
 _BOOL: JsonSchema = {"type": "boolean"}
 _INT: JsonSchema = {"type": "integer"}
-# The frames of a test's log stream (tests.py).
+_NULLABLE_STR: JsonSchema = {"type": ["string", "null"]}
+_NULLABLE_TIME: JsonSchema = {"type": ["string", "null"], "format": "date-time"}
+# The frames of a test's log stream (tests.py): ``status`` when the test's state changes
+# while the stream is open.
 TEST_LOG_EVENTS = event_stream(
     sse_event(
         "log",
@@ -125,11 +128,23 @@ TEST_LOG_EVENTS = event_stream(
         numbered=True,
     ),
     sse_event(
+        "status",
+        obj({"test_id": _STR, "status": {"enum": TEST_STATUSES}, "cancel_requested": _BOOL,
+             "error": _NULLABLE_STR, "dispatched_at": _NULLABLE_TIME,
+             "started_at": _NULLABLE_TIME, "finished_at": _NULLABLE_TIME}),
+    ),
+    sse_event(
         "end",
         obj({"test_id": _STR, "status": {"enum": [*TEST_STATUSES, "deleted"]},
              "last_seq": {"type": "integer", "minimum": 0}}),
     ),
 )  # fmt: skip
+# The frames of the live fleet stream (fleet_events.py).
+FLEET_EVENTS = event_stream(
+    sse_event("snapshot", obj({"agents": array_of(AgentSummary)})),
+    sse_event("agent", AgentSummary),
+    sse_event("removed", obj({"id": _STR, "name": _STR})),
+)
 
 
 def _setting_schema(name: str, kind: str = "number") -> JsonSchema:
@@ -364,6 +379,21 @@ def operations() -> list[Operation]:
             },
             tags=("fleet",), params=(ID_OR_NAME,), security=AS_ADMIN,
         ),
+        Operation(
+            "get", "/api/v1/fleet/events", "The fleet, live (SSE)", "fleetEvents",
+            {
+                200: Reply(
+                    "`text/event-stream`: `event: snapshot` (every agent, as listed by "
+                    "`GET /api/v1/agents`) on connect, then `event: agent` with an agent's "
+                    "new summary whenever it changes and `event: removed` when one is "
+                    "removed; at most two reads of the fleet a second; `: keepalive` "
+                    "comments meanwhile. Ends when the server stops.",
+                    bodies={EVENT_STREAM: FLEET_EVENTS},
+                ),
+                503: error("Too many live streams; retry shortly."),
+            },
+            tags=("fleet",), security=AS_ADMIN,
+        ),
         # --- tests --------------------------------------------------------------------------
         Operation(
             "post", "/api/v1/tests", "Submit a test", "submitTest",
@@ -404,7 +434,9 @@ def operations() -> list[Operation]:
             {
                 200: Reply(
                     "`text/event-stream`: stored lines (`event: log`, `id: <seq>`), then live "
-                    "ones, then `event: end`; `: keepalive` comments meanwhile. "
+                    "ones, then `event: end`; `: keepalive` comments meanwhile, and "
+                    "`event: status` (no id) whenever the test's status or cancel request "
+                    "changes while the stream is open. "
                     "`text/plain` with `?format=text`: the stored lines, then the reply ends.",
                     bodies={EVENT_STREAM: TEST_LOG_EVENTS, TEXT: {"type": "string"}},
                 ),

@@ -61,21 +61,36 @@ def _engines(agent: Agent) -> str:
     return ", ".join(names) or "none"
 
 
-def _pick_agent(req: TestRequest) -> Agent:
+class AgentChoiceError(ApiFailure):
+    """No agent named by the request can run it. ``field`` is the request field at fault,
+    so the dashboard's form shows the message beside it (the API sends the message)."""
+
+    def __init__(self, status: int, message: str, field: str) -> None:
+        super().__init__(status, message)
+        self.field = field
+
+
+def pick_agent(req: TestRequest) -> Agent:
+    """The agent that will run ``req``: the one it names, if that agent offers the
+    benchmark and engine, or with ``any`` an idle online one that does. One rule for the
+    REST API and the dashboard's form."""
     if req.agent != ANY_AGENT:
         agent = _agents().find(req.agent)
         if agent is None:
-            raise ApiFailure(404, f"no agent with id or name {req.agent!r}")
+            raise AgentChoiceError(404, f"no agent with id or name {req.agent!r}", "agent")
         if not _offers(agent, req.benchmark):
             offered = ", ".join(c for c in agent.capabilities if ":" not in c) or "none"
-            raise ApiFailure(
-                400, f"agent {agent.name} has no benchmark {req.benchmark!r} (it offers: {offered})"
+            raise AgentChoiceError(
+                400,
+                f"agent {agent.name} has no benchmark {req.benchmark!r} (it offers: {offered})",
+                "benchmark",
             )
         if not _offers(agent, req.benchmark, req.engine):
-            raise ApiFailure(
+            raise AgentChoiceError(
                 400,
                 f"agent {agent.name} cannot start engine {req.engine!r} "
                 f"(engines found on it: {_engines(agent)})",
+                "engine",
             )
         return agent
     gpu = (req.gpu or "").lower()
@@ -91,10 +106,11 @@ def _pick_agent(req: TestRequest) -> Agent:
     if not candidates:
         gpu_note = f" with a GPU matching {req.gpu!r}" if req.gpu else ""
         engine_note = f" with engine {req.engine!r}" if req.engine else ""
-        raise ApiFailure(
+        raise AgentChoiceError(
             409,
             f"no idle online agent{gpu_note} offers benchmark {req.benchmark!r}{engine_note}; "
             "try later",
+            "agent",
         )
     # The agent given a test least recently (or never) spreads work across the fleet.
     last = _tests().last_assigned()
@@ -102,10 +118,8 @@ def _pick_agent(req: TestRequest) -> Agent:
     return min(candidates, key=lambda a: (last.get(a.id, never), a.name))
 
 
-@bp.post("")
-def submit() -> Any:
-    req = parse_body(TestRequest)
-    agent = _pick_agent(req)
+def queue_test(req: TestRequest, agent: Agent) -> TestRun:
+    """Store the test for ``agent`` (from :func:`pick_agent`) and wake its dispatcher."""
     test = _tests().create(
         agent_id=agent.id,
         agent_name=agent.name,
@@ -117,7 +131,13 @@ def submit() -> Any:
     )
     current_app.logger.info("test %s queued for %s: %s", test.id, agent.name, req.benchmark)
     _dispatcher().wake(agent.id)
-    return dump(info(test), 202)
+    return test
+
+
+@bp.post("")
+def submit() -> Any:
+    req = parse_body(TestRequest)
+    return dump(info(queue_test(req, pick_agent(req))), 202)
 
 
 @bp.get("")
@@ -145,7 +165,8 @@ def show(test_id: str) -> Any:
 
 @bp.get("/<test_id>/logs")
 def logs(test_id: str) -> Any:
-    """SSE (stored lines, then live; ``Last-Event-ID`` resumes), or ``?format=text``."""
+    """SSE (stored lines, then live; ``Last-Event-ID`` resumes; ``status`` events when the
+    test's state changes), or ``?format=text``."""
     test = _get(test_id)
     store: LogStore = current_app.extensions["kitt.logs"]
     form = request.args.get("format")
@@ -166,10 +187,19 @@ def _text(store: LogStore, test_id: str) -> Iterator[str]:
         after = rows[-1].seq
 
 
+STATUS_FIELDS = {"status", "cancel_requested", "error", "dispatched_at", "started_at",
+                 "finished_at"}  # fmt: skip
+
+
+def _status_data(test: TestRun) -> dict[str, Any]:
+    return {"test_id": test.id, **info(test).model_dump(mode="json", include=STATUS_FIELDS)}
+
+
 def _log_frames(
     store: LogStore, tests: TestStore, hub: EventHub, test_id: str, after: int
 ) -> Iterator[str]:
     wake = hub.subscribe(test_id)  # before the first read: nothing can slip in between
+    seen: tuple[str, bool] | None = None
     try:
         while True:
             wake.clear()
@@ -177,6 +207,14 @@ def _log_frames(
             # (agents ship lines before the final report), so an empty read means the end.
             test = tests.get(test_id)
             ended = test is None or test.status in TERMINAL_STATUSES
+            if test is not None:
+                # The hub wakes this topic on status changes too: a page following the
+                # log learns of them at once. Only changes after connecting (a client
+                # reads the state it starts from), and without an id (ids are lines).
+                state = (test.status, test.cancel_requested)
+                if seen is not None and state != seen:
+                    yield sse.event("status", _status_data(test))
+                seen = state
             rows = store.read(test_id, after, PAGE)
             if rows:
                 # One write per page, not per line: a chunked write per line caps the stream
