@@ -239,3 +239,35 @@ def test_open_log_streams_do_not_keep_daemons_alive(fleet: Kitt, tmp_path: Path)
     assert time.monotonic() - t0 < 20
     for reader in readers:
         assert reader.wait(timeout=10) is not None  # both streams ended with their daemons
+
+
+def test_follow_survives_a_server_restart(kitt: Kitt, tmp_path: Path) -> None:
+    """A stopping server ends every stream with the test still running: `--follow`
+    reconnects and resumes, showing every line once, until the test really ends."""
+    kitt.start_server()
+    kitt.init_agent("gpu-01")
+    kitt.add_benchmark("gated", "web_gated.py", timeout_s=120)
+    kitt.run("agent", "start", check=True)
+    wait_for(lambda: kitt.agent("gpu-01").get("status") == "idle", what="agent idle")
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    proc = kitt.popen("test", "run", "--agent", "gpu-01", "--benchmark", "gated",
+                      "--param", f"GATES={gates}", "--param", "ROUNDS=2", "--param", "LINES=5",
+                      "--follow")  # fmt: skip
+    test = wait_for(lambda: next(iter(kitt.api("GET", "/api/v1/tests").json()["tests"]), None),
+                    what="test submitted")  # fmt: skip
+    kitt.wait_status(test["id"], "running")
+    (gates / "go-0").touch()
+    url = f"/api/v1/tests/{test['id']}/logs"
+    wait_for(lambda: len(kitt.api("GET", url, params={"format": "text"}).text.splitlines()) == 5,
+             what="round 0 stored")  # fmt: skip
+    assert kitt.run("server", "stop").returncode == 0
+    kitt.start_server()
+    assert proc.poll() is None  # still following, not "ended: running"
+    (gates / "go-1").touch()
+    assert proc.wait(timeout=60) == 0
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    for r in range(2):
+        for i in range(5):
+            assert out.count(f"round {r} line {i:02d} ") == 1, out
+    assert "completed" in out

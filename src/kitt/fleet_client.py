@@ -20,6 +20,7 @@ from kitt.errors import ApiError, KittError, ServerError
 from kitt.http import TlsFiles, build_client, error_message
 from kitt.paths import ServerPaths, agent_paths, write_private
 from kitt.protocol import (
+    TERMINAL_STATUSES,
     AgentDetail,
     AgentPackageInfo,
     AgentSettingsView,
@@ -215,11 +216,16 @@ class FleetClient:
                         data = sse.json()
                         if sse.event == "log":
                             last = int(data["seq"])
+                        if sse.event == "end" and data.get("status") not in TERMINAL_STATUSES:
+                            # A stopping server ends every stream, the test still going:
+                            # like a blip, reconnect and resume after the last line seen.
+                            break
                         yield sse.event, data
                         if sse.event == "end":
                             return
             except httpx.TransportError:
-                time.sleep(1)  # a blip: reconnect and resume after the last line seen
+                pass
+            time.sleep(1)  # before reconnecting (a blip, or a server restarting)
 
     def log_text(self, test_id: str) -> list[str]:
         response = self._api.request("GET", f"/api/v1/tests/{test_id}/logs?format=text")

@@ -7,6 +7,8 @@ newer agent can talk to an older server (and the reverse) without a lockstep upg
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -301,6 +303,22 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled
 BenchmarkName = Annotated[str, StringConstraints(pattern=AGENT_NAME_PATTERN)]
 ParamKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
 ParamValue = str | int | float | bool | None
+
+
+def param_value(raw: str) -> ParamValue:
+    """A parameter value as a user typed it (``--param k=v``, the dashboard's form): a
+    number, boolean or null when it reads as one in JSON, else the text itself."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    if isinstance(value, float) and not math.isfinite(value):
+        return raw  # NaN / Infinity are not JSON: keep the text
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    return raw
+
+
 ANY_AGENT = "any"
 SERVING_BENCHMARK = "serving"  # built in: every agent offers it (kitt bench serve)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import click
@@ -27,6 +26,7 @@ from kitt.protocol import (
     TestInfo,
     TestRequest,
     describe_validation_error,
+    param_value,
 )
 
 STATUS_STYLE = {
@@ -37,19 +37,11 @@ EXIT_BY_STATUS = {"completed": 0, "cancelled": 4, "lost": 5}
 
 
 def parse_param(text: str) -> tuple[str, ParamValue]:
-    """``k=v``; v is parsed as JSON when it is a number, boolean or null, else kept as text."""
+    """``k=v``, the value typed by :func:`kitt.protocol.param_value`."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise click.BadParameter(f"{text!r} is not KEY=VALUE")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return key, raw
-    if isinstance(value, float) and not math.isfinite(value):
-        return key, raw  # NaN / Infinity are not JSON: keep the text
-    if isinstance(value, (int, float, bool)) or value is None:
-        return key, value
-    return key, raw
+    return key, param_value(raw)
 
 
 def _duration(test: TestInfo) -> str:

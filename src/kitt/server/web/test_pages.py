@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import click
 from flask import (
     Blueprint,
     Response,
@@ -31,7 +30,6 @@ from flask import (
 from pydantic import ValidationError
 
 from kitt.bench.params import SLO_KEYS, ServeParams, parse_slo
-from kitt.cli.tests import parse_param
 from kitt.jsonapi import ApiFailure, check_id, int_arg
 from kitt.protocol import (
     ANY_AGENT,
@@ -41,6 +39,7 @@ from kitt.protocol import (
     TERMINAL_STATUSES,
     ParamValue,
     TestRequest,
+    param_value,
 )
 from kitt.server.api.tests import STATUSES, AgentChoiceError, info, pick_agent, queue_test
 from kitt.server.store.agents import AgentStore
@@ -149,13 +148,11 @@ def _other_params(form: TestForm) -> dict[str, ParamValue]:
         if not line or line.startswith("#"):
             continue
         key, sep, raw = line.partition("=")
-        try:
-            if not sep:
-                raise click.BadParameter(f"{line[:60]!r} is not KEY=VALUE")
-            key, value = parse_param(f"{key.strip()}={raw.strip()}")
-        except click.BadParameter as exc:
-            form.refuse("params", f"line {number}: {exc.message}")
+        key = key.strip()
+        if not sep or not key:
+            form.refuse("params", f"line {number}: {line[:60]!r} is not KEY=VALUE")
             continue
+        value = param_value(raw.strip())
         if key in params:
             form.refuse("params", f"line {number}: {key} is given twice")
         params[key] = value
@@ -167,7 +164,7 @@ def _serving_params(form: TestForm, params: dict[str, ParamValue]) -> None:
     for name in LOAD_FIELDS:
         raw = form.get(name)
         if raw:
-            _set_once(form, params, name, parse_param(f"{name}={raw}")[1])
+            _set_once(form, params, name, param_value(raw))
     if form.get("sweep"):
         _set_once(form, params, "sweep", True)
     slo = []
