@@ -191,3 +191,26 @@ def test_deep_json_and_markup_in_agent_strings_are_harmless(server: Kitt) -> Non
     assert "[red]8x H100[/red]" in listing
     shown = server.run("agents", "show", "probe", check=True).stdout
     assert "[link=http://x]y[/link]" in shown
+
+
+def test_non_finite_readings_are_stored_as_no_reading(server: Kitt) -> None:
+    """Infinity/NaN from a glitching driver (or a forged beat) must not reach the
+    database, nor the JSON every dashboard parses: they become null."""
+    agent_id, token = _registered(server)
+    body = (b'{"status": "idle", "uptime_s": 1.0, "gpu_memory_used_gb": Infinity, '
+            b'"gpus": [{"index": 0, "utilization_pct": NaN, "power_w": Infinity, '
+            b'"temperature_c": 51.0}]}')  # fmt: skip
+    assert _post_raw(server, f"/api/v1/agents/{agent_id}/heartbeat", body, token).status_code == 200
+    listed = server.api("GET", "/api/v1/agents")
+    assert "Infinity" not in listed.text and "NaN" not in listed.text
+    agent = server.agent("probe")
+    assert agent["gpu_memory_used_gb"] is None
+    assert agent["gpus"][0]["power_w"] is None and agent["gpus"][0]["utilization_pct"] is None
+    assert agent["gpus"][0]["temperature_c"] == 51.0  # the good reading is kept
+    beats = server.api("GET", "/api/v1/agents/probe/heartbeats")
+    assert "Infinity" not in beats.text and "NaN" not in beats.text
+    json.loads(beats.text, parse_constant=lambda c: pytest.fail(f"{c} in the history"))
+    # A required reading that is not a number is refused, with its name.
+    bad = b'{"status": "idle", "uptime_s": Infinity}'
+    _assert_error(_post_raw(server, f"/api/v1/agents/{agent_id}/heartbeat", bad, token), 400,
+                  "uptime_s")  # fmt: skip

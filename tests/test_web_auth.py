@@ -7,12 +7,14 @@ and plain HTTP checks use httpx with the cookie the browser was given.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-import pytest
+import httpx_sse
 from playwright.sync_api import expect
 
 from conftest import Kitt
@@ -256,6 +258,53 @@ def test_login_page_and_assets_are_self_contained(kitt: Kitt) -> None:
         assert served.status_code == 200 and served.content == data
 
 
+def test_no_auth_server_refuses_other_sites_and_other_names(kitt: Kitt) -> None:
+    """Without sign-in, a page of another site could still post to the local server
+    (a "simple" request needs no CORS permission) or reach it under a rebound name."""
+    kitt.start_server("--no-auth")
+    url = kitt.server_url
+    body = {"ttl_s": 3600, "uses": 1}
+    forged = httpx.post(
+        url + "/api/v1/tokens", json=body, headers={"Origin": "https://evil.example"}
+    )
+    assert forged.status_code == 403 and "cross-site" in forged.json()["error"]
+    simple = httpx.post(url + "/api/v1/tokens", content=json.dumps(body),
+                        headers={"Content-Type": "text/plain", "Sec-Fetch-Site": "cross-site"})  # fmt: skip
+    assert simple.status_code == 403 and "CSRF" in simple.json()["error"]
+    rebound = httpx.get(url + "/api/v1/agents", headers={"Host": "evil.example"})
+    assert rebound.status_code == 403 and "loopback names" in rebound.json()["error"]
+    page = httpx.get(url + "/fleet", headers={"Host": f"evil.example:{kitt.server_port}"})
+    assert page.status_code == 403 and "csrf-token" not in page.text
+    assert kitt.api("GET", "/api/v1/tokens").json()["tokens"] == []
+    # The CLI (no browser headers, a loopback name) is served as before.
+    made = httpx.post(f"http://localhost:{kitt.server_port}/api/v1/tokens", json=body)
+    assert made.status_code == 201
+
+
+def test_signing_out_ends_open_live_streams(kitt: Kitt) -> None:
+    kitt.start_server()
+    with httpx.Client(base_url=kitt.server_url, timeout=httpx.Timeout(10, read=60)) as client:
+        form = client.get("/login")
+        done = client.post("/login", data={"token": kitt.admin_token,
+                                           "csrf_token": _login_field(form.text)})  # fmt: skip
+        assert done.status_code == 303
+        page = client.get("/fleet")
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
+        assert csrf is not None
+        with httpx_sse.connect_sse(client, "GET", "/api/v1/fleet/events") as source:
+            events = (e for e in source.iter_sse() if e.data)  # not the retry hint
+            first = next(events)
+            assert first.event == "snapshot" and json.loads(first.data) == {"agents": []}
+            with httpx.Client(base_url=kitt.server_url) as other:
+                other.cookies.set("kitt_session", client.cookies["kitt_session"])
+                out = other.post("/logout", data={"csrf_token": csrf[1]})
+                assert out.status_code == 303
+            started = time.monotonic()
+            rest = [e.event for e in events]  # ends when the server closes the stream
+            waited = time.monotonic() - started
+        assert "agent" not in rest and waited < 45, (rest, waited)
+
+
 def test_no_auth_server_pages_need_no_login_but_changes_need_the_token(
     kitt: Kitt, dashboard: Dashboard
 ) -> None:
@@ -271,12 +320,24 @@ def test_no_auth_server_pages_need_no_login_but_changes_need_the_token(
     assert len(token) >= 40
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example", "/\\evil"])
-def test_login_never_redirects_off_site(kitt: Kitt, target: str) -> None:
+OFF_SITE = ["//evil.example/x", "https://evil.example", "/\\evil", "/\t/evil.example",
+            "/\n/evil.example", " //evil.example", "/\x00/x"]  # fmt: skip
+
+
+def test_login_never_redirects_off_site(kitt: Kitt) -> None:
+    """Browsers drop tabs and newlines from a Location ("/\t/evil" is "//evil"), so only
+    plain visible characters pass; anything else goes to the fleet page."""
     kitt.start_server()
-    with httpx.Client(base_url=kitt.server_url) as client:
-        form = client.get("/login", params={"next": target})
-        done = client.post("/login", data={"token": kitt.admin_token, "next": target,
-                                           "csrf_token": _login_field(form.text)})  # fmt: skip
-        assert done.status_code == 303
-        assert done.headers["location"] == "/fleet"
+    for target in OFF_SITE:
+        with httpx.Client(base_url=kitt.server_url) as client:
+            form = client.get("/login", params={"next": target})
+            done = client.post("/login", data={"token": kitt.admin_token, "next": target,
+                                               "csrf_token": _login_field(form.text)})  # fmt: skip
+            assert done.status_code == 303, target
+            assert done.headers["location"] == "/fleet", target
+            # Signed in now: the login page sends straight on, by the same rule.
+            again = client.get("/login", params={"next": target})
+            assert again.status_code == 302 and again.headers["location"] == "/fleet", target
+            # A path on this server, query and percent-escapes included, is kept.
+            kept = client.get("/login", params={"next": "/results?model=a%2Fb&gpu=H100"})
+            assert kept.headers["location"] == "/results?model=a%2Fb&gpu=H100"

@@ -139,4 +139,5 @@ def install_json_errors(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error(500, "internal server error (this is a bug; the log has details)")
+        message = "internal server error (this is a bug; the log has details)"
+        return _page_error(app, 500, message) or error(500, message)

@@ -74,14 +74,29 @@ class AgentPackageInfo(WireModel):
     install_sh_sha256: str
 
 
-class GpuStatic(WireModel):
+class TelemetryModel(WireModel):
+    """What an agent reports about its machine. A non-finite reading (a driver's glitch,
+    or a forged heartbeat) becomes "no reading": Infinity or NaN would otherwise be
+    stored, and break the JSON every dashboard parses."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+
+class GpuStatic(TelemetryModel):
     index: JsonInt = Field(ge=0)
     name: ShortText
     uuid: ShortText | None = None
     memory_total_gb: float | None = Field(default=None, ge=0)
 
 
-class Hardware(WireModel):
+class Hardware(TelemetryModel):
     """Facts that do not change while the agent runs; sent at registration."""
 
     cpu_model: ShortText | None = None
@@ -97,7 +112,7 @@ class Hardware(WireModel):
     _integral_cores = field_validator("cpu_cores", mode="before")(_integral_float)
 
 
-class RegisterRequest(WireModel):
+class RegisterRequest(TelemetryModel):
     name: AgentName
     hostname: ShortText
     port: JsonInt = Field(ge=1, le=65535)
@@ -118,7 +133,7 @@ class RegisterResponse(WireModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
-class GpuSample(WireModel):
+class GpuSample(TelemetryModel):
     index: JsonInt = Field(ge=0)
     name: ShortText | None = None
     utilization_pct: float | None = Field(default=None, ge=0, le=100)
@@ -128,7 +143,7 @@ class GpuSample(WireModel):
     power_w: float | None = Field(default=None, ge=0)
 
 
-class Heartbeat(WireModel):
+class Heartbeat(TelemetryModel):
     status: AgentRunState
     current_task: ShortText | None = None
     gpu_utilization_pct: float | None = Field(default=None, ge=0, le=100)

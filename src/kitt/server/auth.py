@@ -17,6 +17,8 @@ name in it is what the credential is checked against).
 from __future__ import annotations
 
 import secrets
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
@@ -28,6 +30,7 @@ from kitt.pki import AGENT_ROLE
 from kitt.server.store.credentials import CredentialStore, Identity
 from kitt.server.store.web_sessions import OpenSession, WebSessionStore, admin_fingerprint
 from kitt.tokens import bearer, same, token_hash
+from kitt.urls import is_loopback
 
 ADMIN_HINT = (
     "pass --token, set KITT_TOKEN, or run `kitt login URL` (the token is in the server's "
@@ -66,6 +69,9 @@ class Auth:
     def require_admin(self) -> None:
         """The admin token, or a dashboard session (with its CSRF token for a change)."""
         if self.admin_token_hash is None:
+            self.open_server_guard()
+            if _from_a_browser():
+                self.require_csrf()
             return
         token = bearer(request.headers.get("Authorization"))
         if token is None:
@@ -75,6 +81,52 @@ class Auth:
             raise ApiFailure(401, f"this endpoint needs the admin token: {ADMIN_HINT}")
         if not same(token_hash(token), self.admin_token_hash):
             raise ApiFailure(401, f"admin token not accepted: {ADMIN_HINT}")
+
+    def open_server_guard(self) -> None:
+        """A --no-auth server (loopback only) answers only to loopback names, so a page of
+        another site cannot reach it through DNS rebinding (its name pointed at
+        127.0.0.1) and read the fleet, or the pages' CSRF token."""
+        if self.enabled or self.open_to_this_host():
+            return
+        host = urlsplit(f"//{request.host}").hostname or ""
+        raise ApiFailure(
+            403, f"this --no-auth server answers only to loopback names, not {host[:80]!r}"
+        )
+
+    def open_to_this_host(self) -> bool:
+        """A --no-auth server, asked for under a loopback name: anyone may look."""
+        return not self.enabled and is_loopback(urlsplit(f"//{request.host}").hostname or "")
+
+    def session_alive(self, session: OpenSession) -> bool:
+        """Whether a session a long-lived stream was opened with is still signed in."""
+        if self.web_sessions is None:
+            return False
+        return self.web_sessions.alive(session.id_hash, self.admin_fp, datetime.now(timezone.utc))
+
+    def signed_in_while(self, frames: Iterator[str]) -> Iterator[str]:
+        """A live stream opened with a dashboard session ends when the session does
+        (signed out, expired): it is checked again every few seconds of the stream."""
+        if not self.enabled or self.presented_token() is not None:
+            return frames
+        session = self.web_session()
+        if session is None:
+            return frames
+        return self._while_alive(frames, session)
+
+    def _while_alive(self, frames: Iterator[str], session: OpenSession) -> Iterator[str]:
+        checked = time.monotonic()
+        try:
+            for frame in frames:
+                now = time.monotonic()
+                if now - checked >= SESSION_RECHECK_S:
+                    checked = now
+                    if not self.session_alive(session):
+                        return
+                yield frame
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()  # the inner stream's own clean-up (unsubscribing) runs now
 
     def web_session(self) -> OpenSession | None:
         """The request's valid dashboard session, looked up once per request."""
@@ -160,9 +212,19 @@ class Auth:
             )
 
 
+# How often a session-opened stream checks that its session is still signed in (streams
+# send at least a keepalive every 15 s, so it ends within ~20 s of signing out).
+SESSION_RECHECK_S = 5.0
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
+
+
+def _from_a_browser() -> bool:
+    """Browsers send these; the CLI and agents do not. (A change from a page must carry
+    the page's CSRF token even on a --no-auth server: any site could post to it.)"""
+    headers = request.headers
+    return any(h in headers for h in ("Origin", "Sec-Fetch-Site", "Cookie"))
 
 
 def _form_token() -> str | None:

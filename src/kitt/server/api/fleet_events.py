@@ -52,7 +52,8 @@ def events() -> Response:
     store: AgentStore = current_app.extensions["kitt.agents"]
     hub: EventHub = current_app.extensions["kitt.events"]
     slots: sse.StreamSlots = current_app.extensions["kitt.streams"]
-    return slots.stream(fleet_frames(store, auth().credentials, hub))
+    a = auth()
+    return slots.stream(a.signed_in_while(fleet_frames(store, a.credentials, hub)))
 
 
 def fleet_frames(

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from kitt import sse
 from kitt.jsonapi import ApiFailure, check_id, dump, int_arg, parse_body
 from kitt.protocol import ANY_AGENT, SERVING_BENCHMARK, TERMINAL_STATUSES, TestInfo, TestRequest
-from kitt.server.auth import require_admin
+from kitt.server.auth import auth, require_admin
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
 from kitt.server.lifecycle import IllegalTransitionError
@@ -177,7 +177,7 @@ def logs(test_id: str) -> Any:
     after = resume_after()
     hub: EventHub = current_app.extensions["kitt.events"]
     slots: sse.StreamSlots = current_app.extensions["kitt.streams"]
-    return slots.stream(_log_frames(store, _tests(), hub, test.id, after))
+    return slots.stream(auth().signed_in_while(_log_frames(store, _tests(), hub, test.id, after)))
 
 
 def _text(store: LogStore, test_id: str) -> Iterator[str]:

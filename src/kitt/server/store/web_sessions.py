@@ -65,6 +65,12 @@ class WebSessionStore:
             return None
         return OpenSession(row.id_hash, row.csrf_token, row.expires_at)
 
+    def alive(self, id_hash: str, admin_fp: str, now: datetime) -> bool:
+        """Whether the session is still open (not signed out, not expired)."""
+        with self._sessions() as db:
+            row = db.get(WebSession, id_hash)
+        return row is not None and row.expires_at > now and row.admin_fp == admin_fp
+
     def close(self, id_hash: str) -> None:
         with self._sessions.begin() as db:
             db.execute(delete(_TABLE).where(_TABLE.c.id_hash == id_hash))

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, Response, render_template, request
 
 from kitt import __version__
-from kitt.jsonapi import PAGE_ERRORS
+from kitt.jsonapi import PAGE_ERRORS, error
 from kitt.server.auth import CSRF_FIELD, auth
 from kitt.server.web import fleet_pages, pages, results_pages, test_pages
 
@@ -53,6 +53,12 @@ def install_web(app: Flask) -> None:
         return response
 
     def _page_error(status: int, message: str) -> Any:
-        return render_template("error.html", status=status, message=message), status
+        if request.headers.get("HX-Request"):
+            return error(status, message)  # htmx shows the message in the page's flash
+        a = auth()
+        # Someone not signed in learns nothing from an error page: no menu, no version.
+        signed_in = a.open_to_this_host() or (a.enabled and a.web_session() is not None)
+        page = render_template("error.html", status=status, message=message, signed_in=signed_in)
+        return page, status
 
     app.extensions[PAGE_ERRORS] = _page_error

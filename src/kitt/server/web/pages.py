@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -64,9 +65,15 @@ class LoginThrottle:
 _throttle = LoginThrottle()
 
 
+# A path on this server: one "/" then printable ASCII without spaces or backslashes.
+# Browsers drop tabs and newlines from URLs ("/\t/evil" is "//evil"), so anything but
+# plain visible characters is refused rather than cleaned.
+_LOCAL_PATH = re.compile(r"/(?![/\\])[\x21-\x5b\x5d-\x7e]*")
+
+
 def safe_next(target: str | None) -> str:
     """Only a path on this server: never an open redirect to another site."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if not target or not _LOCAL_PATH.fullmatch(target):
         return url_for("fleet_pages.fleet")
     return target
 
@@ -75,6 +82,7 @@ def page_guard() -> Any:
     """``before_request`` of every page blueprint: a session (or --no-auth), and the CSRF
     token on anything that changes something."""
     a = auth()
+    a.open_server_guard()
     if a.enabled and a.web_session() is None:
         if request.method not in SAFE_METHODS or request.headers.get("HX-Request"):
             response = make_response(("login needed", 401))

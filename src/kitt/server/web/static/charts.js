@@ -8,7 +8,7 @@
  *   digits: 1,          // decimals in the table
  *   xValues: [...],     // optional labels for the table's first column (e.g. step names)
  *   xLog: true,         // a log2 x axis: concurrency 1, 4, 16, 64 spaced evenly
- * }) -> {plot, update(x, series)}
+ * }) -> {plot, update(x, series), destroy()}
  */
 (function () {
   "use strict";
@@ -47,6 +47,9 @@
   }
 
   function chart(container, spec) {
+    // Drawing again into the same box (a new period, a new result) replaces the chart:
+    // the old plot and its resize listener go with it.
+    if (container.kittChart) container.kittChart.destroy();
     container.textContent = "";
     container.classList.add("chart");
     const figure = document.createElement("figure");
@@ -86,8 +89,13 @@
       plot.setSize({ width: Math.max(280, container.clientWidth || width), height: opts.height });
     };
     window.addEventListener("resize", resize);
-    return {
+    const handle = {
       plot: plot,
+      destroy: function () {
+        window.removeEventListener("resize", resize);
+        plot.destroy();
+        container.kittChart = null;
+      },
       update: function (x, series) {
         spec = Object.assign({}, spec, { x: x, series: series });
         plot.setData(dataOf(x, series));
@@ -97,6 +105,8 @@
         tableEl = fresh;
       },
     };
+    container.kittChart = handle;
+    return handle;
   }
 
   window.kitt = window.kitt || {};
