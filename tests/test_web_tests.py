@@ -25,6 +25,7 @@ from playwright.sync_api import Page, expect
 
 from conftest import Kitt, wait_for
 from dashboard import TIMEOUT_MS, Dashboard
+from kitt.server.web.test_pages import average_down, result_charts
 
 NAME = "gpu-01"
 GIB = 1024**3
@@ -144,6 +145,13 @@ def test_form_refuses_bad_input_beside_the_fields(
     expect(page.locator("#model")).not_to_have_attribute("aria-invalid", "true")
     expect(page.locator("#params")).to_be_focused()
 
+    # An over-long field is refused beside it, kept whole (never cut short and queued).
+    long_params = "note=" + "x" * 10_000
+    page.get_by_label("Parameters, one KEY=VALUE per line").fill(long_params)
+    page.get_by_role("button", name="Queue the test").click()
+    invalid(page, "params", "too long: 10,005 characters (at most 10,000)")
+    expect(page.get_by_label("Parameters, one KEY=VALUE per line")).to_have_value(long_params)
+
     # Without a script: every engine is offered; the server's agent check (the same
     # function as POST /api/v1/tests) answers 422 with the message at the engine.
     plain = no_script_page
@@ -196,11 +204,15 @@ def test_launch_follow_resume_search_and_scroll(
     assert (submitted["agent_name"], submitted["benchmark"]) == (NAME, "gated")
     assert submitted["params"] == {"GATES": str(gates), "ROUNDS": 4, "LINES": 40}
 
-    # Status arrives by the stream's status events; no line yet (the script waits).
+    # Status arrives by the stream's status events. The page is live before the test
+    # has any line (its script waits for the gate): the lines below come over the live
+    # stream, not in the replay a (re)connection starts with.
     expect(page.locator("#test-status")).to_have_text("running", timeout=30_000)
     expect(page.locator("#log-state")).to_contain_text("Live")
+    logged = fleet.api("GET", f"/api/v1/tests/{test_id}/logs", params={"format": "text"})
+    assert (logged.status_code, logged.text) == (200, "")
     lines = page.locator("#log .line")
-    expect(lines).to_have_count(0)
+    assert lines.count() == 0
     (gates / "go-0").touch()
     expect(lines).to_have_count(40)
     assert lines.all_inner_texts() == gated_lines(range(1), 40)
@@ -380,6 +392,19 @@ def test_finished_serving_test_shows_summary_and_charts(fleet: Kitt, dashboard: 
     assert [number(r[1]) for r in over_run] == [b["gpus"][0]["utilization_pct"] for b in beats]
     memory = chart_rows(page, "GPU memory used over the run")
     assert {number(r[1]) for r in memory} == {12.0}
+    expect(page.locator("#telemetry-note")).to_have_text(
+        f"GPUs over the run: {len(beats)} heartbeats."
+    )
+
+    # Heartbeats after the end are not the run's: once there are some, the page (read
+    # again) still charts the run's alone.
+    wait_for(lambda: datetime.fromisoformat(fleet.heartbeats(NAME)[-1]["ts"]) > end,
+             what="a heartbeat after the test ended")  # fmt: skip
+    dashboard.goto(f"/tests/{test_id}")
+    assert len(chart_rows(page, "GPU utilisation over the run")) == len(beats)
+    expect(page.locator("#telemetry-note")).to_have_text(
+        f"GPUs over the run: {len(beats)} heartbeats."
+    )
 
     # The list links to it.
     dashboard.goto("/tests?status=completed")
@@ -392,3 +417,39 @@ def test_finished_serving_test_shows_summary_and_charts(fleet: Kitt, dashboard: 
     expect(page.locator("#no-tests")).to_have_text("No tests with status failed yet.")
     link_back = page.get_by_role("link", name="Run a test").first
     expect(link_back).to_be_visible()
+
+
+# --- the server side of the charts -------------------------------------------------------
+
+
+def test_long_runs_are_averaged_down_like_the_agent_page() -> None:
+    """Buckets of ceil(n / 720) samples: the last sample's time, the mean of the known
+    values (agent.js's rule)."""
+    x = [float(i) for i in range(1500)]  # 1500 samples: buckets of 3, 500 points
+    values: list[float | None] = [float(i % 3) for i in range(1500)]
+    values[3:6] = [None, None, 9.0]
+    shown, (averaged,) = average_down(x, [values])
+    assert len(shown) == len(averaged) == 500
+    assert shown[:3] == [2.0, 5.0, 8.0] and shown[-1] == 1499.0
+    assert averaged[:3] == [1.0, 9.0, 1.0]
+    # 721 samples: buckets of 2, the last one alone; 720 or fewer: as they are.
+    shown, (averaged,) = average_down(x[:721], [values[:721]])
+    assert len(shown) == 361 and shown[-1] == 720.0 and averaged[-1] == values[720]
+    assert average_down(x[:720], [values[:720]]) == (x[:720], [values[:720]])
+
+
+def test_chart_specs_leave_out_numbers_json_cannot_carry() -> None:
+    """Infinity or NaN in a result document would break the page's JSON.parse: such a
+    value is charted as missing."""
+    step = {"name": "c1", "load": {"concurrency": 1},
+            "metrics": {"ttft_ms": {"p50": float("inf"), "p99": 12.5}, "tpot_ms": {},
+                        "output_token_throughput": float("nan")},
+            "telemetry": {"gpus": [{"utilization_pct": {"mean": float("inf")},
+                                    "power_w": {"mean": 250.0}}]}}  # fmt: skip
+    charts = {c["title"]: c for c in result_charts({"steps": [step]})}
+    json.dumps(charts, allow_nan=False)  # raises on a non-finite number
+    assert charts["Time to first token"]["series"][0]["values"] == [None]
+    assert charts["Time to first token"]["series"][1]["values"] == [12.5]
+    assert charts["Output throughput"]["series"][0]["values"] == [None]
+    assert "GPU utilisation per step (mean)" not in charts  # nothing known to draw
+    assert charts["GPU power per step (mean)"]["series"][0]["values"] == [250.0]

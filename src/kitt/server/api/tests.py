@@ -150,7 +150,7 @@ def list_tests() -> Response:
     return jsonify(tests=[info(t).model_dump(mode="json") for t in tests])
 
 
-def _get(test_id: str) -> TestRun:
+def find_test(test_id: str) -> TestRun:
     check_id(test_id, "test id")
     test = _tests().get(test_id)
     if test is None:
@@ -160,14 +160,14 @@ def _get(test_id: str) -> TestRun:
 
 @bp.get("/<test_id>")
 def show(test_id: str) -> Any:
-    return dump(info(_get(test_id)))
+    return dump(info(find_test(test_id)))
 
 
 @bp.get("/<test_id>/logs")
 def logs(test_id: str) -> Any:
     """SSE (stored lines, then live; ``Last-Event-ID`` resumes; ``status`` events when the
     test's state changes), or ``?format=text``."""
-    test = _get(test_id)
+    test = find_test(test_id)
     store: LogStore = current_app.extensions["kitt.logs"]
     form = request.args.get("format")
     if form == "text":
@@ -238,7 +238,7 @@ def _log_frames(
 
 @bp.post("/<test_id>/cancel")
 def cancel(test_id: str) -> Any:
-    test = _get(test_id)
+    test = find_test(test_id)
     try:
         test = _tests().request_cancel(test.id, datetime.now(timezone.utc))
     except IllegalTransitionError as exc:

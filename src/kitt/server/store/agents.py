@@ -227,12 +227,16 @@ class AgentStore:
         return deleted
 
     def heartbeats(
-        self, agent_id: str, since: datetime | None, limit: int
+        self, agent_id: str, since: datetime | None, limit: int, until: datetime | None = None
     ) -> list[HeartbeatSample]:
-        """The newest ``limit`` samples (after ``since``), returned oldest first."""
+        """The newest ``limit`` samples after ``since`` (and at or before ``until``: a
+        past window, such as a finished test's run, is then not crowded out by the
+        samples that came after it), returned oldest first."""
         query = select(HeartbeatSample).where(HeartbeatSample.agent_id == agent_id)
         if since is not None:
             query = query.where(HeartbeatSample.ts > since)
+        if until is not None:
+            query = query.where(HeartbeatSample.ts <= until)
         query = query.order_by(HeartbeatSample.ts.desc(), HeartbeatSample.id.desc()).limit(limit)
         with self.sessions() as s:
             return list(reversed(list(s.scalars(query))))

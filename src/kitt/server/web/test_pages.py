@@ -13,6 +13,8 @@ the log (SSE) and asks for the two fragments again when the stream says the test
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -30,7 +32,7 @@ from flask import (
 from pydantic import ValidationError
 
 from kitt.bench.params import SLO_KEYS, ServeParams, parse_slo
-from kitt.jsonapi import ApiFailure, check_id, int_arg
+from kitt.jsonapi import ApiFailure, int_arg
 from kitt.protocol import (
     ANY_AGENT,
     SERVING_BENCHMARK,
@@ -41,7 +43,16 @@ from kitt.protocol import (
     TestRequest,
     param_value,
 )
-from kitt.server.api.tests import STATUSES, AgentChoiceError, info, pick_agent, queue_test
+from kitt.results_compare import dig, number, step_metric
+from kitt.server.api.fleet import MAX_HISTORY
+from kitt.server.api.tests import (
+    STATUSES,
+    AgentChoiceError,
+    find_test,
+    info,
+    pick_agent,
+    queue_test,
+)
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.models import Agent, TestRun
 from kitt.server.store.tests import TestStore
@@ -70,7 +81,10 @@ LABELS = {
 STATE_WORDS = {"idle": "idle", "running": "running a test", "error": "in error",
                "offline": "offline"}  # fmt: skip
 MISSING_MODEL = "give the model: a name, path or tag the engine loads"
-MAX_HEARTBEATS = 10_000
+# Longer fields are refused (a params box cut short would queue something else).
+MAX_FIELD_CHARS = 10_000
+# Points per "over the run" chart: longer runs are averaged down (as agent.js does).
+MAX_POINTS = 720
 NO_VALUE = "\u2013"  # an en dash, as the pages' scripts show a missing number
 
 
@@ -143,18 +157,18 @@ def _other_params(form: TestForm) -> dict[str, ParamValue]:
     """The "other parameters" box: KEY=VALUE lines, values typed as `kitt test run
     --param` types them (numbers, booleans and null as JSON, anything else as text)."""
     params: dict[str, ParamValue] = {}
-    for number, text in enumerate(form.get("params").splitlines(), 1):
+    for line_no, text in enumerate(form.get("params").splitlines(), 1):
         line = text.strip()
         if not line or line.startswith("#"):
             continue
         key, sep, raw = line.partition("=")
         key = key.strip()
         if not sep or not key:
-            form.refuse("params", f"line {number}: {line[:60]!r} is not KEY=VALUE")
+            form.refuse("params", f"line {line_no}: {line[:60]!r} is not KEY=VALUE")
             continue
         value = param_value(raw.strip())
         if key in params:
-            form.refuse("params", f"line {number}: {key} is given twice")
+            form.refuse("params", f"line {line_no}: {key} is given twice")
         params[key] = value
     return params
 
@@ -279,10 +293,19 @@ def new_test() -> Response:
     return _render_form(TestForm(defaults), 200)
 
 
+def _too_long(form: TestForm) -> bool:
+    """Refuse each over-long field, kept as typed so it can be shortened there."""
+    for name in FIELDS:
+        size = len(form.values.get(name, ""))
+        if size > MAX_FIELD_CHARS:
+            form.refuse(name, f"too long: {size:,} characters (at most {MAX_FIELD_CHARS:,})")
+    return bool(form.errors)
+
+
 @bp.post("/tests/new")
 def submit_test() -> Any:
-    form = TestForm({k: v[:10_000] for k, v in request.form.items()})
-    checked = check_form(form)
+    form = TestForm(dict(request.form.items()))
+    checked = None if _too_long(form) else check_form(form)
     if checked is None:
         return _render_form(form, 422)
     test = queue_test(*checked)
@@ -312,14 +335,6 @@ def tests() -> str:
 
 
 # --- one test ----------------------------------------------------------------------------
-
-
-def _get(test_id: str) -> TestRun:
-    check_id(test_id, "test id")
-    test = _tests().get(test_id)
-    if test is None:
-        raise ApiFailure(404, f"no test {test_id!r}")
-    return test
 
 
 def duration_text(seconds: float | None) -> str:
@@ -365,12 +380,13 @@ def _result(test: TestRun) -> dict[str, Any]:
     if serving and doc is not None:
         summary = doc.get("summary") or {}
         context["summary"] = [
-            (SUMMARY_LABELS[m][0], number_text(_number(summary.get(m)), *SUMMARY_LABELS[m][1:]))
+            (SUMMARY_LABELS[m][0], number_text(number(summary.get(m)), *SUMMARY_LABELS[m][1:]))
             for m in SUMMARY_METRICS
         ]
         context["best_step"] = summary.get("best_step")
         context["steps"] = [step_row(s) for s in doc.get("steps") or [] if isinstance(s, dict)]
-        context["charts"] = result_charts(doc) + telemetry_charts(test)
+        over_run, context["telemetry_note"] = telemetry_charts(test)
+        context["charts"] = result_charts(doc) + over_run
         telemetry = doc.get("telemetry") or {}
         if isinstance(telemetry, dict) and telemetry.get("available") is False:
             context["no_telemetry"] = str(telemetry.get("reason") or "not available")
@@ -406,20 +422,20 @@ def step_row(step: dict[str, Any]) -> dict[str, str]:
     return {
         "name": f"{step.get('name')}{suffix}",
         "load": ", ".join(what) or str(load.get("mode") or NO_VALUE),
-        "rps": number_text(_dig(step, "metrics", "request_throughput"), 2),
-        "otps": number_text(_dig(step, "metrics", "output_token_throughput"), 1),
-        "ttft50": number_text(_dig(step, "metrics", "ttft_ms", "p50"), 1),
-        "ttft99": number_text(_dig(step, "metrics", "ttft_ms", "p99"), 1),
-        "tpot50": number_text(_dig(step, "metrics", "tpot_ms", "p50"), 2),
-        "tpot99": number_text(_dig(step, "metrics", "tpot_ms", "p99"), 2),
-        "errors": f"{number_text(_dig(step, 'metrics', 'errors'), 0)} / "
-                  f"{number_text(_dig(step, 'metrics', 'requests'), 0)}",
+        "rps": number_text(step_metric(step, "request_throughput"), 2),
+        "otps": number_text(step_metric(step, "output_token_throughput"), 1),
+        "ttft50": number_text(step_metric(step, "ttft_ms.p50"), 1),
+        "ttft99": number_text(step_metric(step, "ttft_ms.p99"), 1),
+        "tpot50": number_text(step_metric(step, "tpot_ms.p50"), 2),
+        "tpot99": number_text(step_metric(step, "tpot_ms.p99"), 2),
+        "errors": f"{number_text(step_metric(step, 'errors'), 0)} / "
+                  f"{number_text(step_metric(step, 'requests'), 0)}",
     }  # fmt: skip
 
 
 @bp.get("/tests/<test_id>")
 def test(test_id: str) -> str:
-    found = _get(test_id)
+    found = find_test(test_id)
     return render_template(
         "test.html", **_facts(found), result=_result(found),
         page_data={
@@ -435,31 +451,28 @@ def test(test_id: str) -> str:
 @bp.get("/tests/<test_id>/facts")
 def test_facts(test_id: str) -> str:
     """The facts fragment, asked for again by the page when the test's state changes."""
-    return render_template("test_facts.html", **_facts(_get(test_id)))
+    return render_template("test_facts.html", **_facts(find_test(test_id)))
 
 
 @bp.get("/tests/<test_id>/result")
 def test_result(test_id: str) -> str:
     """The result fragment, asked for again by the page when the test ends."""
-    return render_template("test_result.html", result=_result(_get(test_id)))
+    return render_template("test_result.html", result=_result(find_test(test_id)))
 
 
 # --- charts ----------------------------------------------------------------------------
 # Each chart is a kitt.chart spec (charts.js): the page's script only draws them.
 
 
-def _number(value: Any) -> float | None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if ok else None
+def _step_gpus(step: dict[str, Any]) -> list[Any]:
+    """The step's per-GPU telemetry (a list, one entry per GPU)."""
+    gpus = dig(step, "telemetry", "gpus")
+    return gpus if isinstance(gpus, list) else []
 
 
-def _dig(data: Any, *path: str | int) -> float | None:
-    for key in path:
-        if isinstance(key, int):
-            data = data[key] if isinstance(data, list) and len(data) > key else None
-        else:
-            data = data.get(key) if isinstance(data, dict) else None
-    return _number(data)
+def _gpu_mean(step: dict[str, Any], gpu: int, metric: str) -> float | None:
+    gpus = _step_gpus(step)
+    return number(dig(gpus[gpu], metric, "mean")) if gpu < len(gpus) else None
 
 
 def result_charts(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -469,7 +482,7 @@ def result_charts(doc: dict[str, Any]) -> list[dict[str, Any]]:
     steps = [s for s in doc.get("steps") or [] if isinstance(s, dict) and not s.get("repeat_index")]
     if not steps:
         return []
-    levels = [_dig(s, "load", "concurrency") for s in steps]
+    levels = [number(dig(s, "load", "concurrency")) for s in steps]
     axis: dict[str, Any]
     if None not in levels and len(set(levels)) == len(levels):
         steps = [s for _, s in sorted(zip(levels, steps, strict=True), key=lambda p: p[0] or 0)]
@@ -478,56 +491,81 @@ def result_charts(doc: dict[str, Any]) -> list[dict[str, Any]]:
         axis = {"x": list(range(1, len(steps) + 1)), "xLabel": "step",
                 "xValues": [str(s.get("name")) for s in steps]}  # fmt: skip
 
-    def series(label: str, *path: str | int) -> dict[str, Any]:
-        return {"label": label, "values": [_dig(s, *path) for s in steps]}
+    def series(label: str, metric: str) -> dict[str, Any]:
+        return {"label": label, "values": [step_metric(s, metric) for s in steps]}
 
     def chart(title: str, y: str, digits: int, *lines: dict[str, Any]) -> dict[str, Any]:
         return {"title": title, "yLabel": y, "digits": digits, "series": list(lines), **axis}
 
     charts = [
-        chart("Time to first token", "ms", 1, series("p50", "metrics", "ttft_ms", "p50"),
-              series("p99", "metrics", "ttft_ms", "p99")),
-        chart("Time per output token", "ms", 2, series("p50", "metrics", "tpot_ms", "p50"),
-              series("p99", "metrics", "tpot_ms", "p99")),
+        chart("Time to first token", "ms", 1, series("p50", "ttft_ms.p50"),
+              series("p99", "ttft_ms.p99")),
+        chart("Time per output token", "ms", 2, series("p50", "tpot_ms.p50"),
+              series("p99", "tpot_ms.p99")),
         chart("Output throughput", "tokens/s", 1,
-              series("output tok/s", "metrics", "output_token_throughput")),
+              series("output tok/s", "output_token_throughput")),
     ]  # fmt: skip
-    gpus = max((len(_list(s, "telemetry", "gpus")) for s in steps), default=0)
+    gpus = max((len(_step_gpus(s)) for s in steps), default=0)
     for title, metric, unit in (("GPU utilisation per step (mean)", "utilization_pct", "%"),
                                 ("GPU power per step (mean)", "power_w", "W")):  # fmt: skip
-        lines = [series(f"GPU {g}", "telemetry", "gpus", g, metric, "mean") for g in range(gpus)]
+        lines = [{"label": f"GPU {g}", "values": [_gpu_mean(s, g, metric) for s in steps]}
+                 for g in range(gpus)]  # fmt: skip
         if any(v is not None for line in lines for v in line["values"]):
             charts.append(chart(title, unit, 1, *lines))
     return charts
 
 
-def _list(data: Any, *path: str) -> list[Any]:
-    for key in path:
-        data = data.get(key) if isinstance(data, dict) else None
-    return data if isinstance(data, list) else []
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
-def telemetry_charts(test: TestRun) -> list[dict[str, Any]]:
-    """The agent's GPUs over the run, from its heartbeats (one sample per heartbeat)."""
+def average_down(
+    x: list[float], series: list[list[float | None]], most: int = MAX_POINTS
+) -> tuple[list[float], list[list[float | None]]]:
+    """At most ``most`` points: buckets of ``ceil(n / most)`` consecutive samples, each
+    shown at its last sample's time with the mean of its known values (agent.js's rule
+    for the agent page's history), so a long run's page stays small."""
+    size = math.ceil(len(x) / most)
+    if size <= 1:
+        return x, series
+    starts = range(0, len(x), size)
+    return ([x[min(i + size, len(x)) - 1] for i in starts],
+            [[_mean(values[i:i + size]) for i in starts] for values in series])  # fmt: skip
+
+
+TELEMETRY_METRICS = (
+    ("GPU utilisation over the run", "utilization_pct", "%"),
+    ("GPU memory used over the run", "memory_used_gb", "GB"),
+    ("GPU power over the run", "power_w", "W"),
+)
+
+
+def telemetry_charts(test: TestRun) -> tuple[list[dict[str, Any]], str | None]:
+    """The agent's GPUs over the run, from its heartbeats between the test's start and
+    end (a later heartbeat is not the run's), averaged down to at most MAX_POINTS
+    points; and a note saying how many heartbeats the charts stand for."""
     if test.agent_id is None or test.started_at is None:
-        return []
-    end = test.finished_at or datetime.now(timezone.utc)
-    beats = [b for b in _agents().heartbeats(test.agent_id, test.started_at, MAX_HEARTBEATS)
-             if b.ts <= end and b.gpus]  # fmt: skip
+        return [], None
+    found = _agents().heartbeats(test.agent_id, test.started_at, MAX_HISTORY, test.finished_at)
+    beats = [b for b in found if b.gpus]
     if not beats:
-        return []
-    x = [b.ts.timestamp() for b in beats]
+        return [], None
     gpus = sorted({g.get("index", 0) for b in beats for g in b.gpus})
+    of_gpu = {i: [next((g for g in b.gpus if g.get("index", 0) == i), {}) for b in beats]
+              for i in gpus}  # fmt: skip
+    x = [b.ts.timestamp() for b in beats]
+    shown = average_down(x, [])[0]
     charts = []
-    for title, metric, unit in (("GPU utilisation over the run", "utilization_pct", "%"),
-                                ("GPU memory used over the run", "memory_used_gb", "GB"),
-                                ("GPU power over the run", "power_w", "W")):  # fmt: skip
-        lines = []
-        for index in gpus:
-            of_gpu = [next((g for g in b.gpus if g.get("index", 0) == index), {}) for b in beats]
-            values = [_number(g.get(metric)) for g in of_gpu]
-            lines.append({"label": f"GPU {index}", "values": values})
-        if any(v is not None for line in lines for v in line["values"]):
+    for title, metric, unit in TELEMETRY_METRICS:
+        values = average_down(x, [[number(g.get(metric)) for g in of_gpu[i]] for i in gpus])[1]
+        if any(v is not None for line in values for v in line):
+            lines = [{"label": f"GPU {i}", "values": v} for i, v in zip(gpus, values, strict=True)]
             charts.append({"title": title, "yLabel": unit, "digits": 1, "time": True,
-                           "x": x, "xLabel": "time", "series": lines})  # fmt: skip
-    return charts
+                           "x": shown, "xLabel": "time", "series": lines})  # fmt: skip
+    note = f"GPUs over the run: {len(beats):,} heartbeats"
+    if len(shown) < len(beats):
+        note += f", shown as {len(shown):,} averages"
+    if len(found) == MAX_HISTORY:
+        note += f" (only the run's last {MAX_HISTORY:,})"
+    return charts, note + "."
