@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -46,6 +47,17 @@ data_dir_option = click.option(
 
 def _paths(data_dir: Path | None) -> ServerPaths:
     return ServerPaths(data_dir.absolute()) if data_dir else ServerPaths.default()
+
+
+class RetentionDuration(Duration):
+    """A :class:`Duration`, or ``off``/``0`` for "keep forever" (0.0)."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if str(value).strip().lower() in ("off", "0", "0.0", "never", "forever"):
+            return 0.0
+        return super().convert(value, param, ctx)
 
 
 @server.command()
@@ -108,6 +120,15 @@ def _paths(data_dir: Path | None) -> ServerPaths:
     help="How long heartbeat history is kept.",
 )
 @click.option(
+    "--log-retention",
+    type=RetentionDuration(),
+    default="off",
+    show_default=True,
+    help="Delete the log lines of tests finished longer ago than this, e.g. 30d (the tests "
+    "and their results stay). 'off' or 0: keep logs forever.",
+)
+@click.option("--prune-every", type=Duration(), default="5m", hidden=True)
+@click.option(
     "--lost-after",
     type=Duration(),
     default="5m",
@@ -152,6 +173,8 @@ def start(
     insecure: bool,
     heartbeat_interval: float,
     heartbeat_retention: float,
+    log_retention: float,
+    prune_every: float,
     lost_after: float,
     agent_package: Path | None,
     wheelhouse: Path | None,
@@ -184,6 +207,8 @@ def start(
             port=port,
             heartbeat_interval_s=heartbeat_interval,
             heartbeat_retention_s=heartbeat_retention,
+            log_retention_s=log_retention or None,
+            prune_every_s=prune_every,
             lost_after_s=lost_after,
             tls=tls,
             hostnames=list(hostnames),
@@ -207,6 +232,8 @@ def start(
         "--data-dir", str(paths.data_dir),
         "--heartbeat-interval", repr(heartbeat_interval),
         "--heartbeat-retention", repr(heartbeat_retention),
+        "--log-retention", repr(log_retention),
+        "--prune-every", repr(prune_every),
         "--lost-after", repr(lost_after),
         "--agent-cert-lifetime", repr(agent_cert_lifetime),
         "--log-level", log_level,
@@ -484,6 +511,77 @@ def wheelhouse(
     click.echo(f"{len(files)} wheels ({size:.1f} MB) in {dest}")
     if pid_state(_paths(data_dir).pid).state == "running":
         click.echo("restart the server to serve them: kitt server stop && kitt server start …")
+
+
+database_option = click.option(
+    "--database",
+    "database_url",
+    envvar="KITT_DATABASE_URL",
+    metavar="URL",
+    hidden=True,
+    help="Database URL (default: DATA_DIR/kitt.db). Only SQLite is backed up here.",
+)
+
+
+@server.command()
+@click.argument("file", type=click.Path(dir_okay=True, path_type=Path))
+@data_dir_option
+@database_option
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def backup(file: Path, data_dir: Path | None, database_url: str | None, force: bool) -> None:
+    """Copy the database to FILE (0600), consistently, while the server runs or not; the
+    copy is checked (integrity, KITT schema) before FILE appears."""
+    from kitt.server.backup import backup_database, sqlite_file
+
+    paths = _paths(data_dir)
+    facts = backup_database(sqlite_file(database_url, paths), file, force=force)
+    click.echo(f"backup written: {facts.path} ({_size(facts.size)}, mode 0600, integrity ok)")
+    click.echo(facts.summary())
+
+
+@server.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@data_dir_option
+@database_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def restore(file: Path, data_dir: Path | None, database_url: str | None, yes: bool) -> None:
+    """Replace the database with the backup FILE (the server must be stopped). The current
+    database is kept aside as kitt.db.before-restore-<time>."""
+    from kitt.server.backup import (
+        DatabaseFacts,
+        head_revision,
+        restore_database,
+        sqlite_file,
+    )
+
+    paths = _paths(data_dir)
+    database = sqlite_file(database_url, paths)
+
+    def confirm(facts: DatabaseFacts) -> None:
+        if not yes:
+            click.confirm(
+                f"Replace {database} with {file} ({facts.summary()})?", abort=True, err=True
+            )
+
+    done = restore_database(paths, database, file, confirm)
+    if done.moved_aside:
+        click.echo(f"previous database moved aside: {', '.join(str(p) for p in done.moved_aside)}")
+    else:
+        click.echo(f"there was no database at {database}: nothing to move aside")
+    click.echo(f"restored {done.facts.path} into {database} (mode 0600)")
+    click.echo(done.facts.summary())
+    head = head_revision()
+    if done.facts.revision == head:
+        click.echo("the schema is current; start the server with `kitt server start`")
+    else:
+        click.echo(
+            f"the next `kitt server start` migrates it from revision {done.facts.revision} "
+            f"to {head}"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def _local_url(paths: ServerPaths) -> str:

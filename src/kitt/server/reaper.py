@@ -1,4 +1,5 @@
-"""Background housekeeping: mark silent agents offline, prune old heartbeat history.
+"""Background housekeeping: mark silent agents offline, prune old heartbeat history and
+the logs of tests finished long ago (when a log retention is set).
 
 Offline is decided here on a clock, not computed when someone lists agents, so the
 stored state (and everything that reads it later: dispatch, metrics, the dashboard)
@@ -18,11 +19,11 @@ from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.credentials import CredentialStore
+from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
 
 log = logging.getLogger(__name__)
 
-PRUNE_EVERY_S = 300.0
 CERT_CHECK_EVERY_S = 60.0
 CERT_WARN_REPEAT_S = 3600.0  # one warning per agent per hour, not one per check
 
@@ -40,6 +41,7 @@ class Reaper(threading.Thread):
         super().__init__(name="reaper", daemon=True)
         self._store = store
         self._tests = tests
+        self._logs = LogStore(store.engine)
         self._settings = settings
         self._credentials = credentials
         self._on_tick = on_tick
@@ -58,6 +60,13 @@ class Reaper(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
+        logs = self._settings.log_retention_s
+        log.info(
+            "retention: heartbeat history %s, test logs %s; pruned every %s",
+            timedelta(seconds=self._settings.heartbeat_retention_s),
+            f"{timedelta(seconds=logs)} after the test finished" if logs else "kept forever",
+            timedelta(seconds=self._settings.prune_every_s),
+        )
         while not self._stop_event.wait(self.period_s):
             try:
                 self.tick()
@@ -85,15 +94,31 @@ class Reaper(threading.Thread):
                     error=f"agent {test.agent_name} sent no heartbeat for over {lost_after:g} s",
                 )  # fmt: skip
                 log.warning("test %s is lost: agent %s went offline", test.id, test.agent_name)
-        if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+        if time.monotonic() - self._last_prune >= self._settings.prune_every_s:
             self._last_prune = time.monotonic()
-            horizon = now - timedelta(seconds=self._settings.heartbeat_retention_s)
-            pruned = self._store.prune_heartbeats(horizon)
-            if pruned:
-                log.info("pruned %d heartbeat samples older than %s", pruned, horizon.isoformat())
+            self.prune(now)
         if time.monotonic() - self._last_cert_check >= CERT_CHECK_EVERY_S:
             self._last_cert_check = time.monotonic()
             self.warn_expiring_certs(now)
+
+    def prune(self, now: datetime) -> None:
+        """Delete what is past its retention, in short batches (store.retention says why).
+
+        Logs go first, then heartbeats: whoever sees heartbeat history pruned knows the
+        logs were considered in the same pass.
+        """
+        if self._settings.log_retention_s:
+            cutoff = now - timedelta(seconds=self._settings.log_retention_s)
+            lines, tests = self._logs.prune_finished(cutoff)
+            if lines:
+                log.info(
+                    "pruned %d log lines of %d tests finished before %s",
+                    lines, tests, cutoff.isoformat(timespec="seconds"),
+                )  # fmt: skip
+        horizon = now - timedelta(seconds=self._settings.heartbeat_retention_s)
+        pruned = self._store.prune_heartbeats(horizon)
+        if pruned:
+            log.info("pruned %d heartbeat samples older than %s", pruned, horizon.isoformat())
 
     def warn_expiring_certs(self, now: datetime) -> list[str]:
         """Name the agents whose certificate expires soon (they renew at 2/3 of the

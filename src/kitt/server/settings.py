@@ -20,6 +20,11 @@ class ServerSettings:
     port: int = DEFAULT_SERVER_PORT
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_retention_s: float = 2 * 24 * 3600.0
+    # Log lines of tests finished longer ago than this are deleted (the tests and their
+    # results stay); None keeps logs forever.
+    log_retention_s: float | None = None
+    # How often the reaper prunes history (tests shorten it to see pruning happen).
+    prune_every_s: float = 300.0
     numthreads: int = 64
     # A dispatched or running test whose agent stays offline this long is "lost".
     lost_after_s: float = 300.0

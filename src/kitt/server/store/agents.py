@@ -39,6 +39,7 @@ from kitt.protocol import (
 )
 from kitt.server.store.group_commit import GroupCommit
 from kitt.server.store.models import Agent, HeartbeatSample
+from kitt.server.store.retention import delete_in_batches
 
 _AGENT = cast(Table, Agent.__table__)
 _HEARTBEAT = cast(Table, HeartbeatSample.__table__)
@@ -284,5 +285,7 @@ class AgentStore:
             return list(s.scalars(query))
 
     def prune_heartbeats(self, older_than: datetime) -> int:
-        with self.engine.begin() as conn:
-            return conn.execute(delete(_HEARTBEAT).where(_HEARTBEAT.c.ts < older_than)).rowcount
+        """Delete history older than ``older_than`` (in batches: see store.retention)."""
+        return delete_in_batches(
+            self.engine, _HEARTBEAT, [_HEARTBEAT.c.id], _HEARTBEAT.c.ts < older_than
+        )

@@ -1,16 +1,21 @@
-"""Test log lines: idempotent ingestion by sequence number, and reads in order."""
+"""Test log lines: idempotent ingestion by sequence number, reads in order, and pruning
+of the logs of tests finished long ago."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, Row, Table, bindparam, select
+from sqlalchemy import Engine, Row, Select, Table, bindparam, exists, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from kitt.server.store.models import TestLogLine
+from kitt.protocol import TERMINAL_STATUSES
+from kitt.server.store.models import TestLogLine, TestRun
+from kitt.server.store.retention import delete_in_batches
 
 _LOGS = cast(Table, TestLogLine.__table__)
+_TESTS = cast(Table, TestRun.__table__)
 _READ = (
     select(_LOGS.c.seq, _LOGS.c.ts, _LOGS.c.line)
     .where(_LOGS.c.test_id == bindparam("test_id"), _LOGS.c.seq > bindparam("after"))
@@ -40,3 +45,30 @@ class LogStore:
         for every line cost more than the query (it halved the stream's line rate)."""
         with self.engine.connect() as conn:
             return list(conn.execute(_READ, {"test_id": test_id, "after": after, "limit": limit}))
+
+    def prune_finished(self, finished_before: datetime) -> tuple[int, int]:
+        """Delete the log lines of tests in a final state that finished before
+        ``finished_before``; the tests and their results stay. Returns (lines, tests).
+
+        A test still queued, dispatched or running has no ``finished_at`` and so keeps its
+        log whatever its age.
+        """
+        with self.engine.connect() as conn:
+            has_lines = exists().where(_LOGS.c.test_id == _TESTS.c.id)
+            tests = len(conn.execute(_finished(finished_before).where(has_lines)).all())
+        if not tests:
+            return 0, 0
+        lines = delete_in_batches(
+            self.engine,
+            _LOGS,
+            [_LOGS.c.test_id, _LOGS.c.seq],
+            _LOGS.c.test_id.in_(_finished(finished_before)),
+        )
+        return lines, tests
+
+
+def _finished(before: datetime) -> Select[tuple[str]]:
+    """Ids of the tests in a final state that finished before ``before``."""
+    return select(_TESTS.c.id).where(
+        _TESTS.c.status.in_(sorted(TERMINAL_STATUSES)), _TESTS.c.finished_at < before
+    )

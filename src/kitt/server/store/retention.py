@@ -1,0 +1,42 @@
+"""Deleting old rows in bounded batches.
+
+One ``DELETE`` over a year of heartbeats would hold SQLite's single write lock for as long
+as it takes, stalling every heartbeat and log write behind it. Each batch here is its own
+short transaction, followed by a pause as long as it, so writers get the lock between
+batches however large the backlog.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, Engine, Table, delete, select, tuple_
+from sqlalchemy.sql.elements import KeyedColumnElement
+
+BATCH_ROWS = 10_000
+MAX_PAUSE_S = 0.1
+
+
+def delete_in_batches(
+    engine: Engine,
+    table: Table,
+    key: Sequence[KeyedColumnElement[object]],
+    where: ColumnElement[bool],
+    batch: int = BATCH_ROWS,
+) -> int:
+    """Delete the rows of ``table`` matching ``where``, at most ``batch`` per transaction,
+    picked by their primary ``key`` columns; returns how many went."""
+    target = tuple_(*key) if len(key) > 1 else key[0]
+    statement = delete(table).where(target.in_(select(*key).where(where).limit(batch)))
+    total = 0
+    while True:
+        started = time.monotonic()
+        with engine.begin() as conn:
+            deleted = max(conn.execute(statement).rowcount, 0)
+        total += deleted
+        if deleted < batch:
+            return total
+        # Leave the lock free as long as the batch held it: a writer waiting in SQLite's
+        # busy handler sleeps in growing steps and would miss a gap of a few microseconds.
+        time.sleep(min(time.monotonic() - started, MAX_PAUSE_S))
