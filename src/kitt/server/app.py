@@ -18,6 +18,7 @@ from kitt.server.auth import Auth
 from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
+from kitt.server.metrics import install_metrics
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter
 from kitt.server.store.logs import LogStore
@@ -77,4 +78,5 @@ def create_app(
     app.register_blueprint(results.bp)
     app.register_blueprint(tokens.bp)
     install_web(app)
+    install_metrics(app)
     return app

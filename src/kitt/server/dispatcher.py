@@ -18,6 +18,7 @@ import logging
 import queue
 import ssl
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -76,6 +77,8 @@ class Dispatcher:
         self._generation: dict[str, int] = {}
         self._wake: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        # Told, once per test, how long it waited from submission to delivery (metrics).
+        self.on_dispatched: Callable[[float], None] = lambda _seconds: None
 
     def start(self) -> None:
         with self._lock:
@@ -137,11 +140,31 @@ class Dispatcher:
             _, changed = self._tests.transition(
                 test.id, "dispatched", dispatched_at=sent_at or datetime.now(timezone.utc)
             )
-        except (IllegalTransitionError, KeyError):
+        except IllegalTransitionError as exc:
+            if how == "push" and exc.current in ("running", "completed", "failed"):
+                self._overtaken(test)
             return False  # cancelled or dispatched meanwhile
+        except KeyError:
+            return False
         if changed:
             log.info("test %s dispatched to %s via %s", test.id, test.agent_name, how)
+            self._delivered(test)
         return changed
+
+    def _delivered(self, test: TestRun) -> None:
+        waited = (datetime.now(timezone.utc) - test.created_at).total_seconds()
+        self.on_dispatched(max(0.0, waited))
+
+    def _overtaken(self, test: TestRun) -> None:
+        """The agent's own report landed before this accepted push was recorded: the push
+        still delivered it, unless a heartbeat had carried it first (the report's
+        transition then found ``dispatched_at`` set, else it set it to the start)."""
+        current = self._tests.get(test.id)
+        if current is not None and current.dispatched_at in (
+            current.started_at,
+            current.finished_at,
+        ):
+            self._delivered(test)
 
     def _run(self) -> None:
         while True:

@@ -36,6 +36,7 @@ from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
 from kitt.server.events import EventHub
 from kitt.server.lifecycle import IllegalTransitionError
+from kitt.server.metrics import metrics
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, BeatRecord, HeartbeatWriter
 from kitt.server.store.credentials import CredentialError, CredentialStore, Issued
@@ -200,6 +201,7 @@ def heartbeat(agent_id: str) -> Any:
         raise ApiFailure(503, f"heartbeat not stored, try again: {exc}") from exc
     if pushed is None:
         raise ApiFailure(404, f"unknown agent id {agent_id!r}: register again")
+    metrics().heartbeats.inc()
     dispatcher: Dispatcher = current_app.extensions["kitt.dispatcher"]
     return dump(
         HeartbeatResponse(
@@ -264,6 +266,7 @@ def test_logs(agent_id: str, test_id: str) -> Any:
     logs: LogStore = current_app.extensions["kitt.logs"]
     stored = logs.ingest(test.id, [line.model_dump() for line in batch.lines])
     if stored:
+        metrics().log_lines.inc(stored)
         hub: EventHub = current_app.extensions["kitt.events"]
         hub.notify(test.id)
     return jsonify(ack=True, stored=stored, last_seq=seqs[-1])
@@ -287,6 +290,8 @@ def result(agent_id: str) -> Any:
         error=report.error,
         finished_at=report.finished_at or datetime.now(timezone.utc),
     )
+    if changed:
+        metrics().results.labels(report.status).inc()
     return jsonify(ack=True, test_id=test.id, status=updated.status, changed=changed), 202
 
 

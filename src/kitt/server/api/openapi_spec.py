@@ -96,7 +96,9 @@ TAGS = {
     "tokens": "Bootstrap tokens for enrolling agents.",
     "results": "Serving benchmark results: stored whole, listed by their main fields.",
     "install": "The agent software for new machines: open to anyone, holds no secrets.",
+    "metrics": "Prometheus metrics: fleet gauges and this server process's counters.",
 }
+OPENMETRICS = "application/openmetrics-text"
 SHELL = "text/x-shellscript"
 BINARY = "application/octet-stream"
 HTML = "text/html"
@@ -466,6 +468,20 @@ def operations() -> list[Operation]:
             tags=("tests",), params=(TEST_ID,), security=AS_ADMIN,
         ),
         *result_operations(),
+        # --- metrics (docs/metrics-prometheus.md) -------------------------------------------
+        Operation(
+            "get", "/metrics", "Prometheus metrics", "getMetrics",
+            {
+                200: text("The Prometheus text format (OpenMetrics when `Accept` asks for "
+                          "it): `kitt_agents{state}`, `kitt_tests{status}`, "
+                          "`kitt_heartbeats_total`, `kitt_dispatch_latency_seconds`, …",
+                          TEXT, OPENMETRICS),
+                503: error("The database did not answer; scrape again."),
+            },
+            tags=("metrics",), security=AS_ADMIN,
+            description="Fleet gauges are read from the database at each scrape (the same on "
+            "every server instance); counters and the histogram are this process's own.",
+        ),
         # --- tokens -------------------------------------------------------------------------
         Operation(
             "post", "/api/v1/tokens", "Create a bootstrap token", "createToken",
