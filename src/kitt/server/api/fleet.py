@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy import Row, Table, select
 
 from kitt.jsonapi import ApiFailure, dump, int_arg, parse_body
 from kitt.protocol import (
@@ -30,6 +31,12 @@ from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.models import Agent, AgentCredential
 from kitt.server.store.tests import TestStore
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    # A row of a Core select, read by column name like the ORM object it stands in for.
+    AnyRow = Row[Unpack[tuple[Any, ...]]]
+
 bp = Blueprint("fleet", __name__, url_prefix="/api/v1/agents")
 bp.before_request(require_admin)
 
@@ -40,45 +47,48 @@ def _store() -> AgentStore:
     return current_app.extensions["kitt.agents"]  # type: ignore[no-any-return]
 
 
-def summary_fields(agent: Agent, cred: AgentCredential | None) -> dict[str, Any]:
-    return {
-        "cert_expires_at": cred.cert_not_after if cred is not None else None,
-        "revoked": cred is not None and cred.revoked_at is not None,
-        "id": agent.id,
-        "name": agent.name,
-        "hostname": agent.hostname,
-        "address": agent.address,
-        "port": agent.port,
-        "state": agent.status if agent.online else "offline",
-        "online": agent.online,
-        "status": agent.status,
-        "current_task": agent.current_task,
-        "kitt_version": agent.kitt_version,
-        "gpu_info": agent.gpu_info,
-        "gpu_count": agent.gpu_count,
-        "gpu_utilization_pct": agent.gpu_utilization_pct,
-        "gpu_memory_used_gb": agent.gpu_memory_used_gb,
-        "registered_at": agent.registered_at,
-        "last_seen_at": agent.last_seen_at,
-    }
-
-
-# What summary_fields reads of an agent (and all that summaries() loads).
+# The agent's columns a summary shows as they are (the rest is derived, below).
 SUMMARY_COLUMNS = (
-    Agent.id, Agent.name, Agent.hostname, Agent.address, Agent.port, Agent.status,
-    Agent.online, Agent.current_task, Agent.kitt_version, Agent.gpu_info, Agent.gpu_count,
-    Agent.gpu_utilization_pct, Agent.gpu_memory_used_gb, Agent.registered_at,
-    Agent.last_seen_at,
+    "id", "name", "hostname", "address", "port", "status", "online", "current_task",
+    "kitt_version", "gpu_info", "gpu_count", "gpu_utilization_pct", "gpu_memory_used_gb",
+    "registered_at", "last_seen_at",
 )  # fmt: skip
 
 
+def summary_fields(agent: Agent | AnyRow, cred: AgentCredential | AnyRow | None) -> dict[str, Any]:
+    """An agent's summary fields, from its ORM object or a row of :data:`_SUMMARY_AGENTS`
+    (a row's own dict: reading its columns one by one costs more than the rest of a
+    summary), and from its credential (object or row of :data:`_SUMMARY_CREDENTIALS`)."""
+    if isinstance(agent, Row):
+        fields = agent._asdict()
+    else:
+        fields = {column: getattr(agent, column) for column in SUMMARY_COLUMNS}
+    fields["state"] = fields["status"] if fields["online"] else "offline"
+    fields["cert_expires_at"] = cred.cert_not_after if cred is not None else None
+    fields["revoked"] = cred is not None and cred.revoked_at is not None
+    return fields
+
+
+# What summary_fields reads, as plain Core selects: the live fleet feed reads the whole
+# fleet up to twice a second, and ORM objects (with every credential's) cost about twice
+# as much as these rows for the same summaries.
+_AGENTS = cast(Table, Agent.__table__)
+_CREDENTIALS = cast(Table, AgentCredential.__table__)
+_SUMMARY_AGENTS = select(*(_AGENTS.c[c] for c in SUMMARY_COLUMNS)).order_by(_AGENTS.c.name)
+_SUMMARY_CREDENTIALS = select(
+    _CREDENTIALS.c.name, _CREDENTIALS.c.cert_not_after, _CREDENTIALS.c.revoked_at
+)
+
+
 def summaries(store: AgentStore, credentials: CredentialStore) -> list[dict[str, Any]]:
-    """Every agent as ``GET /api/v1/agents`` lists it (the dashboard's fleet stream and
-    page send the very same dicts)."""
-    creds = credentials.all()
+    """Every agent as ``GET /api/v1/agents`` lists it, by name (the dashboard's fleet
+    stream and page send the very same dicts)."""
+    with credentials.engine.connect() as conn:
+        creds = {c.name: c for c in conn.execute(_SUMMARY_CREDENTIALS)}
+    with store.engine.connect() as conn:
+        agents = conn.execute(_SUMMARY_AGENTS).all()
     return [
-        AgentSummary(**summary_fields(a, creds.get(a.name))).model_dump(mode="json")
-        for a in store.list_agents(only=SUMMARY_COLUMNS)
+        AgentSummary(**summary_fields(a, creds.get(a.name))).model_dump(mode="json") for a in agents
     ]
 
 
