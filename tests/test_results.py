@@ -23,15 +23,16 @@ import pytest
 import yaml
 
 from conftest import Kitt, free_port, wait_for
-from kitt.cli.results import (
+from kitt.cli.results import _delta_cell
+from kitt.protocol import MAX_BODY_BYTES
+from kitt.results_compare import (
     CSV_COLUMNS,
     Comparison,
-    _delta_cell,
     compare,
+    csv_cell,
     delta_pct,
     noise_threshold,
 )
-from kitt.protocol import MAX_BODY_BYTES
 
 STEP_METRICS = (
     "output_token_throughput", "request_throughput", "goodput", "ttft_ms.p50", "ttft_ms.p99",
@@ -640,6 +641,14 @@ def test_delta_and_noise_rules() -> None:
                         [None, None, None])  # fmt: skip
     assert _delta_cell(higher, 1) == "[green]12.0 (+20.0%?)[/]"
     assert _delta_cell(higher, 2) == "-"
+    # A change too small to show is no change: no colour, never "-0.0".
+    tiny = Comparison("summary", "goodput", "goodput", "higher", [100.0, 100.03, 99.97, 100.06],
+                      [None] * 4)  # fmt: skip
+    assert [_delta_cell(tiny, i) for i in (1, 2, 3)] == [
+        "100 (+0.0%?)",
+        "100.0 (+0.0%?)",
+        "[green]100 (+0.1%?)[/]",
+    ]
 
     # A step missing from every other result is left out; one in some of them is kept.
     rows = compare([DOC_A, DOC_C, DOC_B])
@@ -649,9 +658,7 @@ def test_delta_and_noise_rules() -> None:
 
 
 def test_csv_cells_cannot_become_spreadsheet_formulas() -> None:
-    from kitt.cli.results import _csv_value
-
-    assert _csv_value('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
-    assert _csv_value("@SUM(A1)") == "'@SUM(A1)" and _csv_value("+1") == "'+1"
-    assert _csv_value("llama-3-8b") == "llama-3-8b"
-    assert _csv_value(-5.0) == -5 and _csv_value(2.5) == 2.5 and _csv_value(None) == ""
+    assert csv_cell('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
+    assert csv_cell("@SUM(A1)") == "'@SUM(A1)" and csv_cell("+1") == "'+1"
+    assert csv_cell("llama-3-8b") == "llama-3-8b"
+    assert csv_cell(-5.0) == -5 and csv_cell(2.5) == 2.5 and csv_cell(None) == ""

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
+import json
 import re
 import statistics
 from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 from playwright.sync_api import Page, expect
+from sqlalchemy.orm import Session, sessionmaker
 
 from conftest import Kitt
 from dashboard import Dashboard
+from kitt.results_compare import Comparison
+from kitt.server.store.db import make_engine, migrate, sqlite_url
+from kitt.server.store.models import BenchResult
+from kitt.server.store.results import ResultFilter, ResultStore, build_row, load_document
+from kitt.server.web.results_pages import MAX_EXPORT, delta_row, matching
 from test_results import DOC_A, DOC_B, DOC_C, make_document, metrics
 
 ENERGY_A = {"c=1": 2.0, "c=4": 1.0, "c=16": 0.5}  # J per output token
@@ -369,3 +378,119 @@ def test_compare_rate_steps_no_energy_and_bad_links(kitt: Kitt, dashboard: Dashb
     with session(dashboard) as http:
         missing = http.get("/results/export.csv", params={"ids": "nope"})
         assert missing.status_code == 404 and "No result nope" in missing.text
+
+
+# --- exports of many results, and the verdict of a tiny change ------------------------------
+
+SMALL = make_document(
+    model="bulk", engine="vllm", version="1", gpu="NVIDIA L4", gpu_count=1, hostname="bulk",
+    started_at="2026-10-01T10:00:00+00:00", telemetry=False,
+    steps={"c=1": (1, metrics(100, 1.5, (20, 40), (10, 12), 10, 650, 1.5, 0.0))},
+)  # fmt: skip
+T0 = datetime(2026, 10, 1, tzinfo=timezone.utc)
+
+
+def bulk_rows(count: int, **fields: Any) -> list[BenchResult]:
+    """``count`` results of one small document, seven to a second (so that pages end
+    inside a run of equal times) and ids in no particular order (hashes)."""
+    document, parsed = load_document(json.dumps(SMALL))
+    rows = []
+    for i in range(count):
+        digest = hashlib.sha256(f"{fields}{i}".encode()).hexdigest()[:16]
+        row = build_row(document, parsed, result_id=f"res_{digest}", source="import", now=T0)
+        row.created_at = T0 - timedelta(seconds=i // 7)
+        for name, value in fields.items():
+            setattr(row, name, value(i) if callable(value) else value)
+        rows.append(row)
+    return rows
+
+
+def newest_first(rows: list[BenchResult]) -> list[str]:
+    return [r.id for r in sorted(rows, key=lambda r: (r.created_at, r.id), reverse=True)]
+
+
+def open_store(url: str) -> ResultStore:
+    engine = make_engine(url)
+    migrate(engine)  # a no-op on the server's database
+    return ResultStore(sessionmaker(engine, expire_on_commit=False))
+
+
+def add_all(sessions: sessionmaker[Session], rows: list[BenchResult]) -> None:
+    with sessions.begin() as s:
+        s.add_all(rows)
+
+
+def test_export_pages_by_key_while_results_come_and_go(tmp_path: Path) -> None:
+    """A result imported or deleted during an export neither repeats a row nor skips one
+    (paging by OFFSET did both), and ``most`` bounds what one export sends."""
+    store = open_store(sqlite_url(tmp_path / "kitt.db"))
+    rows = bulk_rows(9)
+    add_all(store.sessions, rows)
+    expected = newest_first(rows)
+    export = matching(store, ResultFilter(), page=2)
+    sent = [next(export).id for _ in range(3)]  # the third is the first of page two
+    assert store.delete(sent[0])  # one already sent goes (OFFSET would skip one)...
+    sent += [next(export).id for _ in range(2)]  # ...page three is read...
+    (newer,) = bulk_rows(1, created_at=T0 + timedelta(hours=1))
+    add_all(store.sessions, [newer])  # ...and a newer one comes (OFFSET would repeat one)
+    sent += [r.id for r in export]
+    assert sent == expected
+    assert [d.document for d in matching(store, ResultFilter(), page=4)][:2] == [SMALL] * 2
+    assert len(list(matching(store, ResultFilter(), page=3, most=7))) == 7
+    assert store.count(ResultFilter(), at_most=5) == 5
+    assert store.count(ResultFilter(model="bulk"), at_most=100) == 9  # 9 - 1 + 1
+    assert store.count(ResultFilter(model="other"), at_most=100) == 0
+
+
+def test_export_is_capped_and_exact(kitt: Kitt, dashboard: Dashboard) -> None:
+    """More than MAX_EXPORT matches: refused with a message saying what to do; up to it,
+    every match exactly once, in order, across many pages. The rows are written straight
+    into the server's database (importing 10,001 documents over HTTP would take minutes)."""
+    kitt.start_server()
+    # The sandbox's database: its SQLite file, or the PostgreSQL one a run on it hands out.
+    url = kitt.env.get("KITT_DATABASE_URL") or sqlite_url(kitt.home / "server" / "kitt.db")
+    store = open_store(url)
+    rows = bulk_rows(
+        MAX_EXPORT + 1,
+        agent_name=lambda i: "bulk-a" if i < MAX_EXPORT else "bulk-b",
+        engine=lambda i: "vllm" if i % 8 == 0 else "sglang",
+    )
+    add_all(store.sessions, rows)
+    dashboard.login()
+    refused = f"More than {MAX_EXPORT:,} results match these filters: an export holds at most"
+    with session(dashboard) as http:
+        for kind in ("csv", "json"):
+            answer = http.get(f"/results/export.{kind}", params={"model": "bulk"})
+            assert answer.status_code == 400 and refused in answer.text, answer.text[:300]
+            assert "Narrow the filters" in answer.text
+        # Exactly the cap: allowed, every row once (one CSV row per result: one step each).
+        answer = http.get("/results/export.csv", params={"agent": "bulk-a"}, timeout=60)
+        assert answer.status_code == 200, answer.text[:300]
+        listed = [r["result_id"] for r in csv.DictReader(io.StringIO(answer.text))]
+        assert listed == newest_first([r for r in rows if r.agent_name == "bulk-a"])
+        # Whole documents, across pages that end inside runs of equal times.
+        answer = http.get("/results/export.json", params={"engine": "vllm"}, timeout=60)
+        assert answer.status_code == 200, answer.text[:300]
+        exported = answer.json()
+        assert [r["id"] for r in exported] == newest_first([r for r in rows if r.engine == "vllm"])
+        assert len(exported) == 1251 and all(r["document"] == SMALL for r in exported)
+    # In the browser, the refusal is a page that says it (not a broken download).
+    response = dashboard.goto("/results/export.csv?model=bulk")
+    assert response.status == 400
+    expect(dashboard.page.get_by_role("alert")).to_contain_text(refused)
+
+
+def test_a_change_too_small_to_show_is_no_change() -> None:
+    """The verdict follows the number shown: +0.03 % reads "+0.0 % no change", not better."""
+    row = Comparison("summary", "goodput", "goodput", "higher",
+                     [100.0, 100.03, 99.97, 100.06, 99.94, 100.0], [None] * 6)  # fmt: skip
+    cells = [(c["delta"], c["verdict"]) for c in delta_row(row)["cells"]]
+    assert cells == [(None, "baseline"), ("+0.0 %", "no change"), ("+0.0 %", "no change"),
+                     ("+0.1 %", "better"), ("-0.1 %", "worse"), ("+0.0 %", "no change")]  # fmt: skip
+    lower = Comparison("summary", "ttft_ms_p50", "TTFT", "lower", [100.0, 100.04, 100.2],
+                       [1.0, 1.0, 0.01])  # fmt: skip
+    assert [c["verdict"] for c in delta_row(lower)["cells"]] == [
+        "baseline",
+        "no change",
+        "within noise",
+    ]

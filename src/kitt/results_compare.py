@@ -172,6 +172,18 @@ def delta_pct(base: float | None, value: float | None) -> float | None:
     return (value - base) / abs(base) * 100.0
 
 
+def delta_text(delta: float) -> str:
+    """A change as the CLI and the dashboard show it: signed, one decimal (``+0.0`` for
+    any change too small to show, never ``-0.0``)."""
+    return f"{round(delta, 1) + 0.0:+.1f}"
+
+
+def unchanged(delta: float) -> bool:
+    """A change that shows as 0.0 %: called "no change", never better or worse (a +0.03 %
+    change must not read "+0.0 % better")."""
+    return round(delta, 1) == 0
+
+
 def noise_threshold(std_a: float | None, std_b: float | None) -> float | None:
     """The smallest difference that is not run-to-run noise: 2*sqrt(std_a^2 + std_b^2)."""
     if std_a is None or std_b is None:

@@ -26,23 +26,21 @@ from kitt.errors import ApiError, KittError
 from kitt.fleet_client import FleetClient
 from kitt.protocol import ID_RE, MAX_BODY_BYTES, ResultDetail, ResultRow
 from kitt.results_compare import (
-    CSV_COLUMNS,  # noqa: F401 (re-exported: the CSV's columns, documented with the CLI)
     NOISE_RULE,
     Comparison,
     compare,
-    delta_pct,  # noqa: F401 (re-exported)
+    delta_text,
     dig,
     fmt,
     fmt_rate,
-    noise_threshold,  # noqa: F401 (re-exported)
     number,
     step_metric,
     step_names,
     steps_of,
     to_csv,
     to_json,
+    unchanged,
 )
-from kitt.results_compare import csv_cell as _csv_value  # noqa: F401 (re-exported)
 
 PAGE = 1000
 
@@ -387,8 +385,8 @@ def _delta_cell(row: Comparison, i: int) -> str:
     if delta is None:
         return f"{row.show(value)} (n/a)"
     mark = "?" if exceeds is None else ("*" if exceeds else "~")
-    cell = f"{row.show(value)} ({delta:+.1f}%{mark})"
-    if delta == 0 or exceeds is False:
+    cell = f"{row.show(value)} ({delta_text(delta)}%{mark})"
+    if unchanged(delta) or exceeds is False:
         return f"[dim]{cell}[/]" if exceeds is False else cell
     improved = (delta > 0) == (row.better == "higher")
     return f"[{'green' if improved else 'red'}]{cell}[/]"

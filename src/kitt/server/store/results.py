@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, select
+from sqlalchemy import Select, and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, sessionmaker
 
@@ -158,6 +158,25 @@ class ResultFilter:
     until: datetime | None = None
 
 
+def _matching(where: ResultFilter) -> Select[BenchResult]:
+    """The results ``where`` matches, newest first (ties broken by id, so that every
+    order is total and pages never overlap)."""
+    query = select(BenchResult)
+    if where.agent:
+        query = query.where(BenchResult.agent_name == where.agent)
+    if where.model:
+        query = query.where(BenchResult.model == where.model)
+    if where.engine:
+        query = query.where(BenchResult.engine == where.engine)
+    if where.gpu:
+        query = query.where(BenchResult.gpu_model.icontains(where.gpu, autoescape=True))
+    if where.since is not None:
+        query = query.where(BenchResult.created_at >= where.since)
+    if where.until is not None:
+        query = query.where(BenchResult.created_at <= where.until)
+    return query.order_by(BenchResult.created_at.desc(), BenchResult.id.desc())
+
+
 class ResultStore:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
@@ -184,22 +203,34 @@ class ResultStore:
 
     def query(self, where: ResultFilter, limit: int = 50, offset: int = 0) -> list[BenchResult]:
         """Newest first, without the documents (a list never shows them)."""
-        query = select(BenchResult).options(defer(BenchResult.document))
-        if where.agent:
-            query = query.where(BenchResult.agent_name == where.agent)
-        if where.model:
-            query = query.where(BenchResult.model == where.model)
-        if where.engine:
-            query = query.where(BenchResult.engine == where.engine)
-        if where.gpu:
-            query = query.where(BenchResult.gpu_model.icontains(where.gpu, autoescape=True))
-        if where.since is not None:
-            query = query.where(BenchResult.created_at >= where.since)
-        if where.until is not None:
-            query = query.where(BenchResult.created_at <= where.until)
-        query = query.order_by(BenchResult.created_at.desc(), BenchResult.id.desc())
+        query = _matching(where).options(defer(BenchResult.document))
         with self.sessions() as s:
             return list(s.scalars(query.limit(limit).offset(offset)))
+
+    def count(self, where: ResultFilter, at_most: int) -> int:
+        """How many results match, counted no further than ``at_most`` (so that asking
+        whether a filter matches too many costs ``at_most`` index entries, not the table)."""
+        matches = _matching(where).with_only_columns(BenchResult.id).order_by(None).limit(at_most)
+        with self.sessions() as s:
+            return s.scalar(select(func.count()).select_from(matches.subquery())) or 0
+
+    def page_after(
+        self, where: ResultFilter, after: BenchResult | None, limit: int
+    ) -> list[BenchResult]:
+        """The next ``limit`` matches, newest first, that sort after ``after`` (the last
+        one of the previous page), documents included.
+
+        Keyset paging on ``(created_at, id)``, not OFFSET: a result imported or deleted
+        while someone pages through neither repeats a row nor skips one, and each page
+        costs the same however deep it is."""
+        query = _matching(where)
+        if after is not None:
+            query = query.where(or_(
+                BenchResult.created_at < after.created_at,
+                and_(BenchResult.created_at == after.created_at, BenchResult.id < after.id),
+            ))  # fmt: skip
+        with self.sessions() as s:
+            return list(s.scalars(query.limit(limit)))
 
     def facets(self, limit: int = 500) -> dict[str, list[str]]:
         """The distinct agents, models, engines and GPU models stored (sorted, at most

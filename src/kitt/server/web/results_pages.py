@@ -24,6 +24,7 @@ from kitt.results_compare import (
     Comparison,
     best_step,
     csv_chunks,
+    delta_text,
     fmt,
     fmt_rate,
     json_chunks,
@@ -31,6 +32,7 @@ from kitt.results_compare import (
     latency_percentiles,
     load_curves,
     step_names,
+    unchanged,
 )
 from kitt.server.api.results import MAX_OFFSET, detail
 from kitt.server.store.models import BenchResult
@@ -44,6 +46,9 @@ PAGE_SIZE = 50
 EXPORT_PAGE = 500
 MIN_COMPARE, MAX_COMPARE = 2, 10
 MAX_EXPORT_IDS = 100
+# An export's results at most: beyond it, a filtered export is refused (narrow the
+# filters) rather than holding a server thread while the whole table streams out.
+MAX_EXPORT = 10_000
 TEXT_FILTERS = ("model", "engine", "agent", "gpu")
 DATE_FILTERS = {"since": "From", "until": "To"}
 LIST_TARGET = "results-list"  # the element htmx replaces when the filters change
@@ -245,13 +250,13 @@ def delta_row(row: Comparison) -> dict[str, Any]:
             verdict = "no value" if value is None else "not comparable"
             cells.append({"value": fmt(value), "delta": None, "verdict": verdict})
             continue
-        if delta == 0:
+        if unchanged(delta):  # decided on the value shown: +0.03 % reads "+0.0 % no change"
             verdict = "no change"
         elif exceeds is False:
             verdict = "within noise"
         else:
             verdict = "better" if (delta > 0) == (row.better == "higher") else "worse"
-        cells.append({"value": fmt(value), "delta": f"{delta:+.1f} %", "verdict": verdict})
+        cells.append({"value": fmt(value), "delta": f"{delta_text(delta)} %", "verdict": verdict})
     return {
         "metric": row.metric,
         "label": row.label,
@@ -320,7 +325,13 @@ def export(kind: str) -> Response:
         filters = read_filters()
         if filters.errors:
             raise ApiFailure(400, " ".join(filters.errors.values()))
-        results = _matching(_store(), filters.where)
+        store = _store()
+        if store.count(filters.where, at_most=MAX_EXPORT + 1) > MAX_EXPORT:
+            raise ApiFailure(400, f"More than {MAX_EXPORT:,} results match these filters: "
+                                  "an export holds at most that many. Narrow the filters "
+                                  "(a model, an engine, an agent, or fewer days) and export "
+                                  "each part.")  # fmt: skip
+        results = matching(store, filters.where)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     chunks = csv_chunks(results) if kind == "csv" else json_chunks(results)
     mimetype = "text/csv" if kind == "csv" else "application/json"
@@ -331,16 +342,18 @@ def export(kind: str) -> Response:
     )
 
 
-def _matching(store: ResultStore, where: ResultFilter) -> Iterator[ResultDetail]:
-    """Every match, newest first, a page of rows at a time; a result deleted meanwhile
-    is left out."""
-    offset = 0
-    while True:
-        page = store.query(where, limit=EXPORT_PAGE, offset=offset)
-        for row in page:
-            found = store.get(row.id)
-            if found is not None:
-                yield detail(found)
-        if len(page) < EXPORT_PAGE:
+def matching(
+    store: ResultStore, where: ResultFilter, page: int = EXPORT_PAGE, most: int = MAX_EXPORT
+) -> Iterator[ResultDetail]:
+    """Every match, newest first, a page at a time, each page one query that brings the
+    documents along. Paged by key: a result imported meanwhile is not sent twice, nor
+    one skipped when another is deleted. ``most`` bounds the stream even when imports
+    made after the count pushed the matches past it."""
+    last: BenchResult | None = None
+    while most > 0:
+        rows = store.page_after(where, last, min(page, most))
+        yield from (detail(r) for r in rows)
+        if len(rows) < min(page, most):
             return
-        offset += len(page)
+        most -= len(rows)
+        last = rows[-1]

@@ -3,7 +3,8 @@
  * History comes from GET /api/v1/agents/<id>/heartbeats (the last hour or day); after
  * that, each `agent` event of the fleet stream whose last_seen_at moved fetches only the
  * heartbeats after the newest one shown (no polling). Long periods are averaged down to
- * at most MAX_POINTS points per chart.
+ * at most MAX_POINTS points per chart. Every request names the agent by its id, never
+ * its name: a page left open must not revoke or remove a newer agent that took the name.
  */
 (function () {
   "use strict";
@@ -32,7 +33,6 @@
 
   function agentPage(info) {
     const byId = "/api/v1/agents/" + encodeURIComponent(info.id);
-    const byName = "/api/v1/agents/" + encodeURIComponent(info.name);
     const fmt = kitt.fleetFmt;
     const el = function (id) { return document.getElementById(id); };
     let range = "hour";
@@ -142,13 +142,13 @@
     }
 
     act("revoke-dialog", function () {
-      kitt.api("POST", byName + "/revoke").then(function (r) {
+      kitt.api("POST", byId + "/revoke").then(function (r) {
         el("agent-revoked").hidden = false;
         kitt.flash("Credential of " + r.name + " revoked: it can no longer heartbeat or report.", "ok");
       }, function (err) { kitt.flash(err.message, "error"); });
     });
     act("remove-dialog", function () {
-      kitt.api("DELETE", byName).then(function (r) {
+      kitt.api("DELETE", byId).then(function (r) {
         markGone();
         const closed = r.closed_tests.length;
         kitt.flash("Agent " + r.name + " removed" + (closed ? "; " + closed + " unfinished tests closed" : "") + ".", "ok");
