@@ -2,6 +2,10 @@
 
 Nothing KITT owns is mocked: each test gets its own KITT_HOME, free ports, a real
 SQLite file, and talks to the daemons with real HTTP clients.
+
+``KITT_TEST_DATABASE=postgresql`` runs the same tests on PostgreSQL: every sandbox then
+gets its own database in a throwaway cluster (tests/pg.py), handed to every kitt process
+it runs as ``KITT_DATABASE_URL``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,18 @@ import yaml
 
 FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
 BENCH_SCRIPTS = Path(__file__).parent / "bench_scripts"
+TEST_DATABASE = os.environ.get("KITT_TEST_DATABASE", "sqlite")
+ON_POSTGRES = TEST_DATABASE == "postgresql"
+# What only SQLite has (its file, its backup and restore), skipped on PostgreSQL: whole
+# test files, and tests (by name) that look into or delete the kitt.db file.
+SQLITE_ONLY = {
+    "test_backup.py": "backup/restore handle the SQLite file only",
+    "test_server_daemon_status_and_second_start": "checks the mode of the kitt.db file",
+    "test_enrollment_writes_a_private_key_and_a_ca_signed_cert": "greps the kitt.db file",
+    "test_agent_registers_again_after_server_database_is_wiped": "deletes the kitt.db file",
+    "test_wiped_database_with_auth_asks_for_enrollment_then_recovers": "deletes kitt.db",
+    "test_bad_settings_are_refused_and_nothing_is_stored": "writes into the kitt.db file",
+}
 T = TypeVar("T")
 
 
@@ -65,6 +81,8 @@ class Kitt:
     server_port: int = 0
     agent_port: int = 0
     children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # The sandbox's PostgreSQL database (a PostgreSQL run only), dropped at the end.
+    database: str | None = None
 
     @property
     def server_url(self) -> str:
@@ -238,8 +256,43 @@ class Kitt:
                 proc.wait(timeout=10)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_DATABASE not in ("sqlite", "postgresql"):
+        raise pytest.UsageError(
+            f"KITT_TEST_DATABASE={TEST_DATABASE!r}: use 'sqlite' (default) or 'postgresql'"
+        )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if not ON_POSTGRES:
+        return
+    for item in items:
+        why = SQLITE_ONLY.get(item.path.name) or SQLITE_ONLY.get(
+            getattr(item, "originalname", item.name)
+        )
+        if why:
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """The session's throwaway PostgreSQL cluster (tests/pg.py). Skips where PostgreSQL
+    is not installed, unless KITT_REQUIRE_POSTGRES is set or the run is on PostgreSQL."""
+    from pg import find_bindir, start_cluster
+
+    if find_bindir() is None:
+        reason = (
+            "PostgreSQL server binaries not found (apt-get install postgresql-15, or set "
+            "KITT_PG_BINDIR to the folder holding initdb and pg_ctl)"
+        )
+        if os.environ.get("KITT_REQUIRE_POSTGRES") or ON_POSTGRES:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield from start_cluster()
+
+
 @pytest.fixture
-def kitt(tmp_path: Path) -> Iterator[Kitt]:
+def kitt(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Kitt]:
     home = tmp_path / "kitt-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KITT_")}
     # The stand-in NVML goes first on the path; with no KITT_FAKE_NVML it behaves like a
@@ -251,8 +304,14 @@ def kitt(tmp_path: Path) -> Iterator[Kitt]:
     env["NO_COLOR"] = "1"
     env["COLUMNS"] = "200"
     sandbox = Kitt(home=home, env=env, server_port=free_port(), agent_port=free_port())
+    cluster = request.getfixturevalue("postgres") if ON_POSTGRES else None
+    if cluster is not None:
+        sandbox.database = cluster.create_database()
+        env["KITT_DATABASE_URL"] = cluster.url(sandbox.database)
     yield sandbox
     sandbox.cleanup()
+    if cluster is not None and sandbox.database:
+        cluster.drop_database(sandbox.database)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ data_dir_option = click.option(
 )
 
 
+database_option = click.option(
+    "--database",
+    "database_url",
+    envvar="KITT_DATABASE_URL",
+    metavar="URL",
+    help="Database URL, e.g. postgresql://USER:PASSWORD@HOST:5432/kitt (also "
+    "$KITT_DATABASE_URL; default: the SQLite file DATA_DIR/kitt.db).",
+)
+
+
 def _paths(data_dir: Path | None) -> ServerPaths:
     return ServerPaths(data_dir.absolute()) if data_dir else ServerPaths.default()
 
@@ -70,6 +81,7 @@ class RetentionDuration(Duration):
     help="Port to listen on (0 picks a free one).",
 )
 @data_dir_option
+@database_option
 @click.option("--foreground", is_flag=True, help="Stay attached; log to stderr.")
 @click.option(
     "--tls/--no-tls",
@@ -164,6 +176,7 @@ def start(
     host: str,
     port: int,
     data_dir: Path | None,
+    database_url: str | None,
     foreground: bool,
     tls: bool | None,
     hostnames: tuple[str, ...],
@@ -183,7 +196,12 @@ def start(
     ready_timeout: float,
 ) -> None:
     """Start the server (in the background unless --foreground)."""
+    from kitt.server.store.db import parse_url
+
     paths = _paths(data_dir)
+    database_url = database_url or None
+    if database_url is not None:
+        parse_url(database_url)  # a malformed URL fails here, before anything starts
     ensure_dir(paths.data_dir, PRIVATE_DIR)  # holds the database and the CA key
     loopback = is_loopback(host)
     if tls is None:
@@ -203,6 +221,7 @@ def start(
 
         settings = ServerSettings(
             paths=paths,
+            database_url=database_url,
             host=host,
             port=port,
             heartbeat_interval_s=heartbeat_interval,
@@ -251,12 +270,20 @@ def start(
     if not no_auth:
         token, created = ensure_admin_token(paths.admin_token)
         new_token = token if created else None
+    if database_url is not None:
+        # Handed down in the environment, not on the command line: `ps` shows argv, and
+        # the URL may carry a password.
+        os.environ["KITT_DATABASE_URL"] = database_url
     pid = spawn_background(foreground_argv(argv), paths.log, ready_timeout)
     url = json.loads(paths.endpoint.read_text())["url"]
     click.echo(f"server started (pid {pid}) at {url}; data in {paths.data_dir}; log: {paths.log}")
     public = json.loads(paths.endpoint.read_text()).get("public_url", url)
     sign_in = "no sign-in (--no-auth)" if no_auth else "sign in with the admin token"
     click.echo(f"dashboard: {public}/ ({sign_in})")
+    if database_url is not None:
+        from kitt.server.store.db import shown
+
+        click.echo(f"database: {shown(database_url)}")
     _print_security(paths, url, tls, no_auth, new_token)
 
 
@@ -459,6 +486,7 @@ def token_revoke(token_id: str, server_url: str | None) -> None:
 @server.command("issue-agent-cert")
 @click.argument("name")
 @data_dir_option
+@database_option
 @click.option(
     "--out",
     required=True,
@@ -470,7 +498,12 @@ def token_revoke(token_id: str, server_url: str | None) -> None:
     "--lifetime", type=Duration(), default="90d", show_default=True, help="Certificate validity."
 )
 def issue_agent_cert(
-    name: str, data_dir: Path | None, out: Path, server_url: str | None, lifetime: float
+    name: str,
+    data_dir: Path | None,
+    database_url: str | None,
+    out: Path,
+    server_url: str | None,
+    lifetime: float,
 ) -> None:
     """Enroll an air-gapped agent offline: key, certificate and token in a bundle to carry
     over (then on that host: kitt-agent init --bundle DIR)."""
@@ -478,7 +511,9 @@ def issue_agent_cert(
 
     paths = _paths(data_dir)
     url = server_url or _local_url(paths)
-    written = write_bundle(paths, _certs(data_dir), name, out, url, timedelta(seconds=lifetime))
+    written = write_bundle(
+        paths, _certs(data_dir), name, out, url, timedelta(seconds=lifetime), database_url
+    )
     click.echo(f"wrote {', '.join(p.name for p in written)} to {out} (keep it private)")
     click.echo(f"on the agent host: kitt-agent init --bundle {out}")
 
@@ -513,14 +548,33 @@ def wheelhouse(
         click.echo("restart the server to serve them: kitt server stop && kitt server start …")
 
 
-database_option = click.option(
-    "--database",
-    "database_url",
-    envvar="KITT_DATABASE_URL",
-    metavar="URL",
-    hidden=True,
-    help="Database URL (default: DATA_DIR/kitt.db). Only SQLite is backed up here.",
-)
+@server.command("migrate")
+@data_dir_option
+@database_option
+def migrate_command(data_dir: Path | None, database_url: str | None) -> None:
+    """Bring the database schema to this KITT's newest revision and print the revision.
+
+    `kitt server start` does the same; run this to migrate ahead of starting the servers
+    (with several instances on one PostgreSQL, before upgrading them)."""
+    from kitt.server.store.db import current_revision, make_engine, migrate, shown, sqlite_url
+
+    paths = _paths(data_dir)
+    if not database_url:
+        ensure_dir(paths.data_dir, PRIVATE_DIR)
+        database_url = sqlite_url(paths.database)
+    engine = make_engine(database_url)
+    try:
+        before = current_revision(engine)
+        after = migrate(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        change = "already current"
+    elif before is None:
+        change = "schema created"
+    else:
+        change = f"migrated from {before}"
+    click.echo(f"database {shown(database_url)}: revision {after} ({change})")
 
 
 @server.command()

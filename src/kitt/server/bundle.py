@@ -28,6 +28,7 @@ def write_bundle(
     out: Path,
     server_url: str,
     lifetime: timedelta,
+    database_url: str | None = None,
 ) -> list[Path]:
     if not AGENT_NAME_RE.match(name):
         raise KittError(f"{name!r} is not a valid agent name (letters, digits, . _ -)")
@@ -36,7 +37,7 @@ def write_bundle(
     ensure_dir(out, PRIVATE_DIR)
     key = pki.new_key()
     cert = certs.issuer().issue(key.public_key(), name, pki.AGENT_ROLE, lifetime, [name])
-    engine = make_engine(sqlite_url(paths.database))
+    engine = make_engine(database_url or sqlite_url(paths.database))
     try:
         migrate(engine)
         credential = CredentialStore(engine).issue(

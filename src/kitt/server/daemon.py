@@ -38,12 +38,18 @@ log = logging.getLogger(__name__)
 
 
 def open_database(settings: ServerSettings) -> Engine:
+    """The server's database, migrated to the newest schema: ``settings.database_url``,
+    else the SQLite file in the data folder."""
     ensure_dir(settings.paths.data_dir, 0o700)
     try:
-        engine = make_engine(sqlite_url(settings.paths.database))
+        engine = make_engine(settings.database_url or sqlite_url(settings.paths.database))
     except OSError as exc:
         raise KittError(f"cannot open the database: {exc}") from exc
-    migrate(engine)
+    try:
+        migrate(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 

@@ -16,6 +16,9 @@ DEFAULT_SERVER_PORT = 8080
 @dataclass(frozen=True)
 class ServerSettings:
     paths: ServerPaths
+    # Where the control plane's state lives: None for the SQLite file in the data folder,
+    # else a database URL (postgresql://USER:PASSWORD@HOST:PORT/DB; see store/db.py).
+    database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_SERVER_PORT
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S

@@ -37,6 +37,7 @@ from kitt.protocol import (
     Heartbeat,
     RegisterRequest,
 )
+from kitt.server.store.db import is_postgres
 from kitt.server.store.group_commit import GroupCommit
 from kitt.server.store.models import Agent, HeartbeatSample
 from kitt.server.store.retention import delete_in_batches
@@ -119,6 +120,7 @@ class AgentStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self._postgres = is_postgres(engine)
         # Settings edits are read-modify-write: one at a time, so none is lost.
         self._settings_lock = threading.Lock()
         # Called after every committed change to what the fleet shows (registration,
@@ -173,6 +175,10 @@ class AgentStore:
                 row.id: row.settings or {} for row in conn.execute(_KNOWN_IDS, {"ids": ids})
             }
             rows = [b for b in beats if b.agent_id in known]
+            if self._postgres:
+                # Row locks taken in one order: two server instances writing batches that
+                # share agents cannot deadlock (stable: one agent's beats keep their order).
+                rows.sort(key=lambda b: b.agent_id)
             if rows:
                 params = [b.params() for b in rows]
                 conn.execute(_LIVE_UPDATE, params)
@@ -193,7 +199,11 @@ class AgentStore:
         """Replace the agent's settings with ``change(current)`` (which may raise to refuse
         the change); returns the new settings, or None when there is no such agent."""
         with self._settings_lock, self.engine.begin() as conn:
-            row = conn.execute(select(_AGENT.c.settings).where(_AGENT.c.id == agent_id)).first()
+            # The lock serves within this process (and on SQLite); FOR UPDATE across
+            # server instances on PostgreSQL (SQLite's SQL leaves it out).
+            row = conn.execute(
+                select(_AGENT.c.settings).where(_AGENT.c.id == agent_id).with_for_update()
+            ).first()
             if row is None:
                 return None
             new = change(dict(row.settings or {}))
@@ -266,14 +276,21 @@ class AgentStore:
             allowance <= literal((now - counting_from).total_seconds(), Float),
         )
         with self.engine.begin() as conn:
-            found = [
-                (row.name, row.allowance)
-                for row in conn.execute(
-                    select(_AGENT.c.name, allowance.label("allowance")).where(silent)
-                )
-            ]
-            if found:
-                conn.execute(update(_AGENT).where(silent).values(online=False))
+            if self._postgres:
+                # One statement: of several server instances' reapers, exactly one reports
+                # each agent (the others wait on its row lock, then find it offline).
+                marked = update(_AGENT).where(silent).values(online=False)
+                returned = marked.returning(_AGENT.c.name, allowance.label("allowance"))
+                found = [(row.name, row.allowance) for row in conn.execute(returned)]
+            else:
+                found = [
+                    (row.name, row.allowance)
+                    for row in conn.execute(
+                        select(_AGENT.c.name, allowance.label("allowance")).where(silent)
+                    )
+                ]
+                if found:
+                    conn.execute(update(_AGENT).where(silent).values(online=False))
         if found:
             self.on_change()
         return found

@@ -27,9 +27,13 @@ _READ = (
 class LogStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self._postgres = engine.dialect.name == "postgresql"
+        dialect = postgresql if self._postgres else sqlite
         # Re-delivered batches (the agent sends at least once) hit existing keys: skip them.
         self._insert = dialect.insert(_LOGS).on_conflict_do_nothing()
+        # psycopg reports no row count for a many-row INSERT: the new rows are counted by
+        # what they return instead (one multi-row INSERT ... RETURNING per batch).
+        self._insert_returning = self._insert.returning(_LOGS.c.seq)
 
     def ingest(self, test_id: str, lines: Sequence[dict[str, Any]]) -> int:
         """Store lines; returns how many were new."""
@@ -37,6 +41,8 @@ class LogStore:
             return 0
         rows = [{"test_id": test_id, **line} for line in lines]
         with self.engine.begin() as conn:
+            if self._postgres:
+                return len(conn.execute(self._insert_returning, rows).all())
             result = conn.execute(self._insert, rows)
         return max(result.rowcount, 0)
 

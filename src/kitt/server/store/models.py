@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -58,6 +59,11 @@ class JsonText(TypeDecorator[Any]):
         return json.loads(value) if value is not None else None
 
 
+# 64-bit ids and sequence numbers: BIGINT on PostgreSQL, INTEGER on SQLite (64-bit there,
+# and an INTEGER PRIMARY KEY is the rowid). Migrations 0001 and 0003 make them so.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -103,7 +109,7 @@ class HeartbeatSample(Base):
     __tablename__ = "heartbeats"
     __table_args__ = (Index("ix_heartbeats_agent_ts", "agent_id", "ts"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id", ondelete="CASCADE"))
     ts: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     status: Mapped[str] = mapped_column(String(16))
@@ -151,7 +157,7 @@ class TestLogLine(Base):
     test_id: Mapped[str] = mapped_column(
         String(64), ForeignKey("tests.id", ondelete="CASCADE"), primary_key=True
     )
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True)
     ts: Mapped[str] = mapped_column(String(40))
     line: Mapped[str] = mapped_column(Text)
 

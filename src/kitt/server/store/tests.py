@@ -12,6 +12,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from kitt.server.lifecycle import IllegalTransitionError, check
+from kitt.server.store.db import is_postgres
 from kitt.server.store.models import TestRun
 
 ACTIVE = ("dispatched", "running")
@@ -33,6 +34,7 @@ class TestStore:
 
     def __init__(self, engine: Engine, on_change: Callable[[str], None] | None = None) -> None:
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self._postgres = is_postgres(engine)
         # Told the test id after every committed state change (live streams wake on it).
         self._on_change = on_change or (lambda _test_id: None)
 
@@ -118,6 +120,11 @@ class TestStore:
             if values is None:
                 return current, False
             with self.sessions.begin() as s:
+                claiming = wanted == "dispatched" and current.status == "queued"
+                if self._postgres and claiming and not self._claim(s, test_id):
+                    if s.scalar(select(TestRun.status).where(TestRun.id == test_id)) == "queued":
+                        return current, False  # another transaction holds it: give way
+                    continue  # it moved on: decide again on what it is now
                 result = s.execute(
                     update(TestRun)
                     .where(TestRun.id == test_id, TestRun.status == current.status)
@@ -131,6 +138,23 @@ class TestStore:
                 assert updated is not None  # noqa: S101 - tests are never deleted alone
                 return updated, True
         raise IllegalTransitionError(test_id, "changing", wanted)
+
+    @staticmethod
+    def _claim(s: Session, test_id: str) -> bool:
+        """PostgreSQL: lock the queued test being dispatched for this transaction; False
+        when it is no longer queued or another transaction holds it (SKIP LOCKED). That
+        one (another dispatch, a report or a cancel, perhaps on another server instance)
+        then decides its fate, and this dispatch gives way at once instead of queueing
+        behind it (the compare-and-set alone would be safe, but would wait).
+
+        ``NO KEY``: log lines inserted for the test (a foreign key share lock) are no claim.
+        """
+        locked = s.execute(
+            select(TestRun.id)
+            .where(TestRun.id == test_id, TestRun.status == "queued")
+            .with_for_update(skip_locked=True, key_share=True)
+        ).first()
+        return locked is not None
 
     def pending_for(self, agent_id: str) -> list[TestRun]:
         """Work for one agent, oldest first: queued tests, dispatched tests the agent has not

@@ -10,6 +10,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+# Heartbeat ids and log sequence numbers outgrow 32 bits on a large fleet: BIGINT on
+# PostgreSQL, INTEGER on SQLite (whose INTEGER is 64-bit, and an INTEGER PRIMARY KEY is
+# the rowid, which BIGINT would not be).
+BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -46,7 +51,7 @@ def upgrade() -> None:
     op.create_index("ix_agents_last_seen_at", "agents", ["last_seen_at"])
     op.create_table(
         "heartbeats",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", BIG_ID, primary_key=True, autoincrement=True),
         sa.Column(
             "agent_id",
             sa.String(64),

@@ -25,7 +25,8 @@ def upgrade() -> None:
             sa.ForeignKey("tests.id", ondelete="CASCADE"),
             primary_key=True,
         ),
-        sa.Column("seq", sa.Integer, primary_key=True),
+        # Up to protocol.MAX_SEQ (2**62): BIGINT on PostgreSQL; SQLite's INTEGER is 64-bit.
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
         sa.Column("ts", sa.String(40), nullable=False),
         sa.Column("line", sa.Text, nullable=False),
     )
