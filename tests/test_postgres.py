@@ -151,8 +151,29 @@ def test_server_on_postgres_runs_a_test_and_keeps_everything_across_a_restart(
         ),
         (lambda pg, port: f"mysql://kitt:{SECRET}@db/kitt", "unsupported database 'mysql'"),
         (lambda pg, port: "not a database url", "is not one KITT can read"),
+        (
+            lambda pg, port: f"postgresql://kitt:{SECRET}@127.0.0.1:nope/kitt",
+            "is not one KITT can read",
+        ),
+        # An unescaped '@' would make the password's tail the host, printed in errors.
+        (
+            lambda pg, port: f"postgresql://kitt:{SECRET}@x@127.0.0.1:{port}/kitt",
+            "percent-encode it",
+        ),
+        (
+            lambda pg, port: f"postgresql://kitt@127.0.0.1:{port}/kitt?password={SECRET}",
+            "cannot connect to the database postgresql+psycopg://kitt@127.0.0.1:{port}/kitt?password=%2A%2A%2A",  # "***", URL-encoded
+        ),
     ],
-    ids=["unreachable", "no-such-database", "other-engine", "malformed"],
+    ids=[
+        "unreachable",
+        "no-such-database",
+        "other-engine",
+        "malformed",
+        "bad-port",
+        "bare-at",
+        "password-in-query",
+    ],
 )
 def test_a_bad_or_unreachable_database_fails_with_one_clear_line(
     kitt: Kitt, postgres: PgCluster, make_url: Callable[[PgCluster, int], str], says: str

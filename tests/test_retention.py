@@ -125,3 +125,9 @@ def test_deletes_go_in_bounded_transactions(tmp_path: Path) -> None:
     assert deleted == 10
     assert len(commits) == 4  # 3 + 3 + 3 + 1 rows, each batch its own transaction
     assert [b.ts for b in store.heartbeats(agent, None, 100)] == [now]
+
+    # A pass stops when its time is up (the reaper has other work); the next goes on.
+    store.record_beats(old)
+    cutoff = table.c.ts < now - timedelta(minutes=1)
+    assert delete_in_batches(engine, table, [table.c.id], cutoff, batch=3, budget_s=0) == 3
+    assert delete_in_batches(engine, table, [table.c.id], cutoff, batch=3, budget_s=60) == 7

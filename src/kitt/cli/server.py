@@ -554,8 +554,8 @@ def wheelhouse(
 def migrate_command(data_dir: Path | None, database_url: str | None) -> None:
     """Bring the database schema to this KITT's newest revision and print the revision.
 
-    `kitt server start` does the same; run this to migrate ahead of starting the servers
-    (with several instances on one PostgreSQL, before upgrading them)."""
+    `kitt server start` does the same; run this to migrate ahead of starting the server,
+    e.g. to check a PostgreSQL database before an upgrade."""
     from kitt.server.store.db import current_revision, make_engine, migrate, shown, sqlite_url
 
     paths = _paths(data_dir)

@@ -198,7 +198,10 @@ def heartbeat(agent_id: str) -> Any:
         pushed = writer.submit(BeatRecord(agent_id, datetime.now(timezone.utc), beat))
     except (WriterStoppedError, TimeoutError, SQLAlchemyError) as exc:
         # The agent retries at its next interval; nothing it needs is lost meanwhile.
-        raise ApiFailure(503, f"heartbeat not stored, try again: {exc}") from exc
+        # The cause goes to the server's log, not to the agent: a database error's text
+        # carries SQL and other agents' values.
+        current_app.logger.warning("heartbeat of %s not stored: %s", agent_id, exc)
+        raise ApiFailure(503, "heartbeat not stored (the server is busy); try again") from exc
     if pushed is None:
         raise ApiFailure(404, f"unknown agent id {agent_id!r}: register again")
     metrics().heartbeats.inc()

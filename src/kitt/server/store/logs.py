@@ -10,7 +10,7 @@ from typing import Any, cast
 from sqlalchemy import Engine, Row, Select, Table, bindparam, exists, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from kitt.protocol import TERMINAL_STATUSES
+from kitt.server.lifecycle import ALLOWED
 from kitt.server.store.models import TestLogLine, TestRun
 from kitt.server.store.retention import delete_in_batches
 
@@ -56,8 +56,8 @@ class LogStore:
         """Delete the log lines of tests in a final state that finished before
         ``finished_before``; the tests and their results stay. Returns (lines, tests).
 
-        A test still queued, dispatched or running has no ``finished_at`` and so keeps its
-        log whatever its age.
+        A test still queued, dispatched or running has no ``finished_at``, and a lost one
+        may yet come back: both keep their logs whatever their age.
         """
         with self.engine.connect() as conn:
             has_lines = exists().where(_LOGS.c.test_id == _TESTS.c.id)
@@ -73,8 +73,13 @@ class LogStore:
         return lines, tests
 
 
+# States no test leaves. (A "lost" test is not one: its agent may come back, still
+# running it, and ship the rest of its log.)
+FINAL_STATUSES = sorted(state for state, onward in ALLOWED.items() if not onward)
+
+
 def _finished(before: datetime) -> Select[tuple[str]]:
     """Ids of the tests in a final state that finished before ``before``."""
     return select(_TESTS.c.id).where(
-        _TESTS.c.status.in_(sorted(TERMINAL_STATUSES)), _TESTS.c.finished_at < before
+        _TESTS.c.status.in_(FINAL_STATUSES), _TESTS.c.finished_at < before
     )

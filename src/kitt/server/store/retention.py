@@ -16,6 +16,10 @@ from sqlalchemy.sql.elements import KeyedColumnElement
 
 BATCH_ROWS = 10_000
 MAX_PAUSE_S = 0.1
+# One pass deletes for at most this long; the next pass goes on. The reaper, which runs
+# the passes, also marks agents offline and tests lost: a backlog of years must not
+# hold it up for hours.
+PASS_BUDGET_S = 10.0
 
 
 def delete_in_batches(
@@ -24,18 +28,21 @@ def delete_in_batches(
     key: Sequence[KeyedColumnElement[object]],
     where: ColumnElement[bool],
     batch: int = BATCH_ROWS,
+    budget_s: float = PASS_BUDGET_S,
 ) -> int:
     """Delete the rows of ``table`` matching ``where``, at most ``batch`` per transaction,
-    picked by their primary ``key`` columns; returns how many went."""
+    picked by their primary ``key`` columns, for at most about ``budget_s``; returns how
+    many went (what is left goes at the next pass)."""
     target = tuple_(*key) if len(key) > 1 else key[0]
     statement = delete(table).where(target.in_(select(*key).where(where).limit(batch)))
     total = 0
+    stop_at = time.monotonic() + budget_s
     while True:
         started = time.monotonic()
         with engine.begin() as conn:
             deleted = max(conn.execute(statement).rowcount, 0)
         total += deleted
-        if deleted < batch:
+        if deleted < batch or time.monotonic() >= stop_at:
             return total
         # Leave the lock free as long as the batch held it: a writer waiting in SQLite's
         # busy handler sleeps in growing steps and would miss a gap of a few microseconds.
