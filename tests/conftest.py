@@ -29,6 +29,20 @@ import pytest
 import yaml
 
 FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
+GIB = 1024**3
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def two_h100s(util0: int = 35, util1: int = 85) -> list[dict[str, Any]]:
+    """Two GPUs for the stand-in NVML (``Kitt.fake_gpus``), the second without power."""
+    return [
+        {"name": H100, "util": util0, "mem_total": 80 * GIB, "mem_used": 10 * GIB,
+         "temp": 41, "power_mw": 120_500},
+        {"name": H100, "util": util1, "mem_total": 80 * GIB, "mem_used": 30 * GIB,
+         "temp": 67, "power_mw": None},  # power not supported on this board
+    ]  # fmt: skip
+
+
 BENCH_SCRIPTS = Path(__file__).parent / "bench_scripts"
 TEST_DATABASE = os.environ.get("KITT_TEST_DATABASE", "sqlite")
 ON_POSTGRES = TEST_DATABASE == "postgresql"

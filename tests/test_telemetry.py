@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from conftest import Kitt, wait_for
-
-GIB = 1024**3
-H100 = "NVIDIA H100 80GB HBM3"
-
-
-def two_gpus(util0: int = 35, util1: int = 85) -> list[dict[str, object]]:
-    return [
-        {"name": H100, "util": util0, "mem_total": 80 * GIB, "mem_used": 10 * GIB,
-         "temp": 41, "power_mw": 120_500},
-        {"name": H100, "util": util1, "mem_total": 80 * GIB, "mem_used": 30 * GIB,
-         "temp": 67, "power_mw": None},  # power not supported on this board
-    ]  # fmt: skip
+from conftest import H100, Kitt, two_h100s, wait_for
 
 
 def test_two_gpus_reported_per_gpu_and_aggregated(kitt: Kitt) -> None:
-    kitt.fake_gpus(two_gpus(), driver="550.54.15", cuda=12040)
+    kitt.fake_gpus(two_h100s(), driver="550.54.15", cuda=12040)
     kitt.start_server()
     kitt.init_agent("dual")
     kitt.run("agent", "start", check=True)
@@ -38,7 +26,7 @@ def test_two_gpus_reported_per_gpu_and_aggregated(kitt: Kitt) -> None:
     assert agent["gpu_memory_used_gb"] == 40.0  # sum of 10 and 30
 
     # Readings change while the agent runs: the next heartbeats carry the new values.
-    kitt.fake_gpus(two_gpus(util0=5, util1=95))
+    kitt.fake_gpus(two_h100s(util0=5, util1=95))
     wait_for(lambda: kitt.agent("dual")["gpu_utilization_pct"] == 50.0, what="new utilisation")
     history = kitt.heartbeats("dual")
     assert {h["gpu_utilization_pct"] for h in history} >= {60.0, 50.0}

@@ -25,23 +25,12 @@ import httpx_sse
 import pytest
 from playwright.sync_api import Locator, expect
 
-from conftest import Kitt, free_port, wait_for
+from conftest import GIB, H100, Kitt, free_port, two_h100s, wait_for
 from dashboard import Dashboard
 from kitt import __version__
 
-GIB = 1024**3
-H100 = "NVIDIA H100 80GB HBM3"
 A100 = "NVIDIA A100-SXM4-40GB"
 NONE = "\u2013"  # the dashboard's "no value" (an en dash)
-
-
-def h100s(util0: int = 35, util1: int = 85) -> list[dict[str, Any]]:
-    return [
-        {"name": H100, "util": util0, "mem_total": 80 * GIB, "mem_used": 10 * GIB,
-         "temp": 41, "power_mw": 120_500},
-        {"name": H100, "util": util1, "mem_total": 80 * GIB, "mem_used": 30 * GIB,
-         "temp": 67, "power_mw": None},  # power not supported on this board
-    ]  # fmt: skip
 
 
 def a100(util: int, mem_gib: int) -> list[dict[str, Any]]:
@@ -108,7 +97,7 @@ def hidden_rows(kitt: Kitt, board: Dashboard, path: str) -> dict[str, bool]:
 def test_fleet_page_rows_live_filters_and_offline(
     kitt: Kitt, box: Kitt, dashboard: Dashboard
 ) -> None:
-    kitt.fake_gpus(h100s())
+    kitt.fake_gpus(two_h100s())
     kitt.start_server(interval="1")  # heartbeats every second: offline after 3 s of silence
     start_agent(kitt, "gpu-01", "hold", "hold.py")
     wait_for(lambda: kitt.agent("gpu-01").get("gpu_utilization_pct") == 60.0, timeout=60,
@@ -201,7 +190,7 @@ def test_fleet_page_rows_live_filters_and_offline(
 
 
 def test_agent_page_facts_history_live_and_actions(kitt: Kitt, dashboard: Dashboard) -> None:
-    kitt.fake_gpus(h100s(), driver="550.54.15", cuda=12040)
+    kitt.fake_gpus(two_h100s(), driver="550.54.15", cuda=12040)
     kitt.start_server(interval="1")
     start_agent(kitt, "gpu-01", "lines", "lines_and_result.py")
     done = kitt.wait_status(kitt.submit("lines")["id"], "completed", timeout=60)
@@ -238,7 +227,7 @@ def test_agent_page_facts_history_live_and_actions(kitt: Kitt, dashboard: Dashbo
                           ("temperature", ["41.0", "67.0"]), ("power", ["120.5", NONE])):  # fmt: skip
         expect(chart_rows(page, chart).first.locator("td")).to_have_text(values)
     # New readings arrive with the next heartbeats, without a reload.
-    kitt.fake_gpus(h100s(util0=5, util1=95), driver="550.54.15", cuda=12040)
+    kitt.fake_gpus(two_h100s(util0=5, util1=95), driver="550.54.15", cuda=12040)
     expect(chart_rows(page, "util").last.locator("td")).to_have_text(["5.0", "95.0"])
     beats = len(kitt.heartbeats("gpu-01"))
     expect(page.locator("#history-note")).to_have_text(

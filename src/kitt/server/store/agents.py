@@ -28,7 +28,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import QueryableAttribute, load_only, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from kitt.protocol import (
     MISSED_HEARTBEATS_OFFLINE,
@@ -215,15 +215,10 @@ class AgentStore:
             )
         return new
 
-    def list_agents(self, only: Sequence[QueryableAttribute[Any]] = ()) -> list[Agent]:
-        """Every agent, by name. ``only``: load just these columns (the others are then
-        unreadable): a live fleet view reads the whole fleet twice a second, and skipping
-        the JSON columns makes that about half the work."""
-        query = select(Agent).order_by(Agent.name)
-        if only:
-            query = query.options(load_only(*only))
+    def list_agents(self) -> list[Agent]:
+        """Every agent, by name."""
         with self.sessions() as s:
-            return list(s.scalars(query))
+            return list(s.scalars(select(Agent).order_by(Agent.name)))
 
     def find(self, id_or_name: str) -> Agent | None:
         with self.sessions() as s:
