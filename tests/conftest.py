@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +26,10 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import yaml
+
+from ports import free_port
+
+__all__ = ["free_port"]  # re-exported: tests import it from here
 
 FAKE_NVML_DIR = Path(__file__).parent / "fake_nvml"
 GIB = 1024**3
@@ -57,12 +60,6 @@ SQLITE_ONLY = {
     "test_bad_settings_are_refused_and_nothing_is_stored": "writes into the kitt.db file",
 }
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(

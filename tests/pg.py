@@ -13,13 +13,14 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ports import free_port
 
 SUPERUSER = "kitt"
 # Enough for several servers (pool of up to 32 each) at once plus the tests' own.
@@ -41,12 +42,6 @@ def find_bindir() -> Path | None:
         if all(os.access(bindir / tool, os.X_OK) for tool in ("initdb", "pg_ctl", "postgres")):
             return bindir
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_as() -> pwd.struct_passwd | None:
@@ -153,7 +148,7 @@ def start_cluster() -> Iterator[PgCluster]:
     root = Path(tempfile.mkdtemp(prefix="kitt-pg-", dir="/tmp"))
     if account is not None:
         os.chown(root, account.pw_uid, account.pw_gid)
-    cluster = PgCluster(bindir=bindir, root=root, port=_free_port(), account=account)
+    cluster = PgCluster(bindir=bindir, root=root, port=free_port(), account=account)
     try:
         cluster.start()
         yield cluster

@@ -227,19 +227,23 @@ def instances(postgres: PgCluster, database: str, n: int) -> list[Any]:
     return engines
 
 
-def test_racing_dispatchers_on_separate_engines_dispatch_each_test_once(
+def test_racing_dispatchers_on_separate_engines_dispatch_each_test_once_one_per_agent(
     postgres: PgCluster, database: str
 ) -> None:
     engines = instances(postgres, database, 4)
     now = datetime.now(timezone.utc)
-    agent_id, _ = AgentStore(engines[0]).register(
-        RegisterRequest(name="gpu-01", hostname="h", port=1, kitt_version="x"), None, now
-    )
+    agents = AgentStore(engines[0])
     stores = [TestStore(e) for e in engines]
-    tests = [
-        stores[0].create(agent_id=agent_id, agent_name="gpu-01", benchmark="b", created_at=now)
-        for _ in range(20)
-    ]
+    tests = []
+    for i in range(8):
+        name = f"gpu-{i:02}"
+        agent_id, _ = agents.register(
+            RegisterRequest(name=name, hostname="h", port=1, kitt_version="x"), None, now
+        )
+        tests += [
+            stores[0].create(agent_id=agent_id, agent_name=name, benchmark="b", created_at=now)
+            for _ in range(3)
+        ]
 
     def dispatcher(store: TestStore) -> list[str]:
         won = []
@@ -249,11 +253,14 @@ def test_racing_dispatchers_on_separate_engines_dispatch_each_test_once(
                 won.append(test.id)
         return won
 
-    # Two dispatcher threads per engine, eight in all, each trying every test.
+    # Two dispatcher threads per engine, eight in all, each trying every test: each test
+    # goes at most once, and each agent gets exactly one (one test at a time per agent).
     wins = run_together([lambda s=s: dispatcher(s) for s in stores * 2])
     counts = Counter(test_id for won in wins for test_id in won)
-    assert counts == Counter({t.id: 1 for t in tests})
-    assert {stores[1].get(t.id).status for t in tests} == {"dispatched"}  # type: ignore[union-attr]
+    assert set(counts.values()) == {1}
+    dispatched = [t for t in tests if stores[1].get(t.id).status == "dispatched"]  # type: ignore[union-attr]
+    assert sorted(counts) == sorted(t.id for t in dispatched)
+    assert sorted(t.agent_name for t in dispatched) == [f"gpu-{i:02}" for i in range(8)]
     for e in engines:
         e.dispose()
 

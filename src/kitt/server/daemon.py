@@ -21,13 +21,14 @@ from kitt.server.app import create_app
 from kitt.server.auth import Auth
 from kitt.server.certs import ServerCerts
 from kitt.server.dispatcher import Dispatcher
+from kitt.server.event_relay import PgEventRelay
 from kitt.server.events import EventHub
 from kitt.server.package import PackageError, build_wheel, load_wheel
 from kitt.server.reaper import Reaper
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter, heartbeat_writer
 from kitt.server.store.credentials import CredentialStore
-from kitt.server.store.db import make_engine, migrate, sqlite_url
+from kitt.server.store.db import is_postgres, make_engine, migrate, sqlite_url
 from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
 from kitt.server.store.web_sessions import WebSessionStore
@@ -35,6 +36,10 @@ from kitt.tokens import token_hash
 from kitt.urls import is_loopback
 
 log = logging.getLogger(__name__)
+
+# With PostgreSQL (several instances may share it), how often each instance re-reads which
+# agents have pending work, in case a notification from another instance was lost.
+RESYNC_EVERY_S = 30.0
 
 
 def open_database(settings: ServerSettings) -> Engine:
@@ -62,6 +67,7 @@ class ServerDaemon:
         self._heartbeats: HeartbeatWriter | None = None
         self._dispatcher: Dispatcher | None = None
         self._events: EventHub | None = None
+        self._relay: PgEventRelay | None = None
 
     def start(self) -> None:
         try:
@@ -107,7 +113,13 @@ class ServerDaemon:
         if certs is not None:
             # The server's certificate is also its client certificate toward agents.
             push_context = pki.client_context(certs.ca, certs.cert, certs.key)
-        self._dispatcher = Dispatcher(tests, store, credentials, push_context)
+        shared = is_postgres(self._engine)  # other server instances may use it too
+        self._dispatcher = Dispatcher(
+            tests, store, credentials, push_context, hub=events,
+            resync_every_s=RESYNC_EVERY_S if shared else None,
+        )  # fmt: skip
+        if shared:
+            self._relay = _relay(self._engine, events, self._dispatcher)
         self._dispatcher.start()
         self._http.set_app(
             create_app(
@@ -219,6 +231,8 @@ class ServerDaemon:
             steps.append(("live streams", self._events.close))  # frees their threads
         if self._http is not None:
             steps.append(("listener", self._http.stop))
+        if self._relay is not None:
+            steps.append(("event relay", self._relay.stop))
         if self._heartbeats is not None:
             steps.append(("heartbeat writer", self._heartbeats.stop))
         if self._dispatcher is not None:
@@ -230,6 +244,20 @@ class ServerDaemon:
         )
         run_steps(steps)
         log.info("server stopped")
+
+
+def _relay(engine: Engine, events: EventHub, dispatcher: Dispatcher) -> PgEventRelay:
+    """Live events to and from other server instances on this PostgreSQL database,
+    listening before the server takes its first request."""
+
+    def resync() -> None:
+        events.wake_all()
+        dispatcher.resync()
+
+    relay = PgEventRelay(engine, deliver=events.notify_local, on_resync=resync)
+    relay.start()
+    events.relay = relay.publish
+    return relay
 
 
 def _public_host(settings: ServerSettings) -> str:

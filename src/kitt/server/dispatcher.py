@@ -8,7 +8,13 @@ too, so an agent is never sent a second test while one is dispatched or running.
 
 The heartbeat handler is the hottest path on the server, so it only consults the
 database for agents in :attr:`_pending` (an in-memory set rebuilt at start and kept
-current by every change that creates or clears pending work).
+current by every change that creates or clears pending work). With several server
+instances, a submit on one instance reaches the others' sets through the event hub's
+``work:<agent id>`` topic (PostgreSQL NOTIFY), and each instance re-reads the set from the
+database every ``resync_every_s`` and after its relay reconnects, in case a notification
+was lost. Whichever instance the agent's heartbeat reaches then carries the test; the
+dispatch itself is a row-locked compare-and-set (store/tests.py), so two instances never
+both dispatch a test, nor two tests to one agent.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -26,6 +33,7 @@ from kitt.apiclient import ApiClient
 from kitt.errors import ApiError, KittError
 from kitt.http import build_client
 from kitt.protocol import Command, CommandAccepted, RunTestPayload
+from kitt.server.events import WORK_TOPIC_PREFIX, EventHub
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.credentials import CredentialStore
@@ -65,9 +73,13 @@ class Dispatcher:
         agents: AgentStore,
         credentials: CredentialStore | None = None,
         push_context: ssl.SSLContext | None = None,
+        hub: EventHub | None = None,
+        resync_every_s: float | None = None,
     ) -> None:
         """``push_context`` (HTTPS servers) carries the server's certificate as a client
-        certificate; agents accept commands only from it."""
+        certificate; agents accept commands only from it. ``hub`` tells other server
+        instances of new work (and this one of theirs); ``resync_every_s`` re-reads the
+        pending set from the database that often (several instances only)."""
         self._tests = tests
         self._agents = agents
         self._credentials = credentials
@@ -76,6 +88,10 @@ class Dispatcher:
         self._pending: set[str] = set()
         self._generation: dict[str, int] = {}
         self._wake: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._hub = hub
+        self._resync_every_s = resync_every_s
+        if hub is not None:
+            hub.observe(WORK_TOPIC_PREFIX, self.note_pending)
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         # Told, once per test, how long it waited from submission to delivery (metrics).
         self.on_dispatched: Callable[[float], None] = lambda _seconds: None
@@ -93,10 +109,23 @@ class Dispatcher:
 
     def wake(self, agent_id: str) -> None:
         """New work for ``agent_id`` (a submit or a cancel): try to push it now."""
+        self.note_pending(agent_id)
+        if self._hub is not None:
+            self._hub.notify(WORK_TOPIC_PREFIX + agent_id)
+        self._wake.put(agent_id)
+
+    def note_pending(self, agent_id: str) -> None:
+        """``agent_id`` has work (perhaps submitted on another instance, which pushes
+        it): its next heartbeat here looks."""
         with self._lock:
             self._pending.add(agent_id)
             self._generation[agent_id] = self._generation.get(agent_id, 0) + 1
-        self._wake.put(agent_id)
+
+    def resync(self) -> None:
+        """Add every agent the database says has pending work (notifications from other
+        instances may have been lost); ``refresh`` drops those that have none left."""
+        for agent_id in self._tests.agents_with_pending_work():
+            self.note_pending(agent_id)
 
     def refresh(self, agent_id: str) -> None:
         """A test of this agent changed state; drop it from the fast set if nothing is left.
@@ -167,10 +196,22 @@ class Dispatcher:
             self._delivered(test)
 
     def _run(self) -> None:
+        next_resync = time.monotonic() + (self._resync_every_s or 0.0)
         while True:
-            agent_id = self._wake.get()
+            try:
+                agent_id = self._wake.get(timeout=self._resync_every_s)
+            except queue.Empty:
+                agent_id = ""
             if agent_id is None:
                 return
+            if self._resync_every_s and time.monotonic() >= next_resync:
+                next_resync = time.monotonic() + self._resync_every_s
+                try:
+                    self.resync()
+                except Exception as exc:
+                    log.warning("cannot re-read pending work (%s); retrying later", exc)
+            if not agent_id:
+                continue
             try:
                 self._push_pending(agent_id)
             except Exception:

@@ -20,6 +20,7 @@ from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.logs import LogStore
+from kitt.server.store.retention import pruning_turn
 from kitt.server.store.tests import TestStore
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ class Reaper(threading.Thread):
                 log.warning("test %s is lost: agent %s went offline", test.id, test.agent_name)
         if time.monotonic() - self._last_prune >= self._settings.prune_every_s:
             self._last_prune = time.monotonic()
-            self.prune(now)
+            with pruning_turn(self._store.engine) as mine:
+                if mine:
+                    self.prune(now)
         if time.monotonic() - self._last_cert_check >= CERT_CHECK_EVERY_S:
             self._last_cert_check = time.monotonic()
             self.warn_expiring_certs(now)

@@ -6,9 +6,9 @@ few heartbeats, never corrupt the file), foreign keys on, and a busy timeout so 
 reaper and request threads queue instead of failing with "database is locked".
 
 PostgreSQL (``postgresql://USER:PASSWORD@HOST:PORT/DB``) is for fleets past what one
-SQLite file does well. (Several server instances on one database are not supported yet:
-live events and pending pushes stay inside one process.) Its URLs are driven by
-psycopg 3 whatever driver they name, and never shown with their password.
+SQLite file does well, and for several server instances on one database (live events
+cross between them through server/event_relay.py). Its URLs are driven by psycopg 3
+whatever driver they name, and never shown with their password.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ batches however large the backlog.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from sqlalchemy import ColumnElement, Engine, Table, delete, select, tuple_
+from sqlalchemy import ColumnElement, Engine, Table, delete, select, text, tuple_
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 BATCH_ROWS = 10_000
@@ -20,6 +21,28 @@ MAX_PAUSE_S = 0.1
 # the passes, also marks agents offline and tests lost: a backlog of years must not
 # hold it up for hours.
 PASS_BUDGET_S = 10.0
+# The PostgreSQL advisory lock held by the one server instance pruning at a time.
+_PRUNE_LOCK = 0x6B697475
+
+
+@contextmanager
+def pruning_turn(engine: Engine) -> Iterator[bool]:
+    """True when this server instance may prune now: always on SQLite (one instance), and
+    on PostgreSQL when no other instance is pruning. Two instances deleting the same old
+    rows would only wait on each other's row locks, doubling the work for nothing."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    with engine.connect() as conn:
+        key = {"key": _PRUNE_LOCK}
+        mine = bool(conn.execute(text("SELECT pg_try_advisory_lock(:key)"), key).scalar())
+        conn.commit()
+        try:
+            yield mine
+        finally:
+            if mine:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+                conn.commit()
 
 
 def delete_in_batches(

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kitt.server.lifecycle import IllegalTransitionError, check
 from kitt.server.store.db import is_postgres
-from kitt.server.store.models import TestRun
+from kitt.server.store.models import Agent, TestRun
 
 ACTIVE = ("dispatched", "running")
 _PENDING = TestRun.status.in_(("queued", "dispatched")) | (
@@ -121,7 +121,7 @@ class TestStore:
                 return current, False
             with self.sessions.begin() as s:
                 claiming = wanted == "dispatched" and current.status == "queued"
-                if self._postgres and claiming and not self._claim(s, test_id):
+                if self._postgres and claiming and not self._claim(s, current):
                     if s.scalar(select(TestRun.status).where(TestRun.id == test_id)) == "queued":
                         return current, False  # another transaction holds it: give way
                     continue  # it moved on: decide again on what it is now
@@ -140,18 +140,34 @@ class TestStore:
         raise IllegalTransitionError(test_id, "changing", wanted)
 
     @staticmethod
-    def _claim(s: Session, test_id: str) -> bool:
+    def _claim(s: Session, test: TestRun) -> bool:
         """PostgreSQL: lock the queued test being dispatched for this transaction; False
-        when it is no longer queued or another transaction holds it (SKIP LOCKED). That
-        one (another dispatch, a report or a cancel, perhaps on another server instance)
-        then decides its fate, and this dispatch gives way at once instead of queueing
-        behind it (the compare-and-set alone would be safe, but would wait).
+        when it is no longer queued, another transaction holds it (SKIP LOCKED), or its
+        agent already has an active test.
+
+        The agent's row is locked first (waiting, briefly, for a heartbeat's update or
+        another dispatch to the same agent), so that two dispatches of different tests
+        to one agent, perhaps on two server instances, are serialised: the second sees
+        the first's committed ``dispatched`` and gives way. A test held by another
+        transaction (a dispatch, a report or a cancel) decides its own fate, and this
+        dispatch gives way at once instead of queueing behind it.
 
         ``NO KEY``: log lines inserted for the test (a foreign key share lock) are no claim.
         """
+        if test.agent_id is not None:
+            s.execute(
+                select(Agent.id).where(Agent.id == test.agent_id).with_for_update(key_share=True)
+            )
+            busy = s.execute(
+                select(TestRun.id)
+                .where(TestRun.agent_id == test.agent_id, TestRun.status.in_(ACTIVE))
+                .limit(1)
+            ).first()
+            if busy is not None:
+                return False
         locked = s.execute(
             select(TestRun.id)
-            .where(TestRun.id == test_id, TestRun.status == "queued")
+            .where(TestRun.id == test.id, TestRun.status == "queued")
             .with_for_update(skip_locked=True, key_share=True)
         ).first()
         return locked is not None
