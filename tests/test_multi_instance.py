@@ -159,3 +159,32 @@ def test_killing_one_instance_behind_a_balancer_loses_nothing(
         wait_for(lambda: b.agent("gpu-01")["last_seen_at"] > before, what="beats via B")
         assert b.agent("gpu-01")["online"] is True
         assert balancer.connections[b.server_port] > 0
+
+
+def test_an_instance_with_another_ca_is_refused_until_the_identity_is_copied(
+    kitt: Kitt, postgres: PgCluster, tmp_path: Path
+) -> None:
+    database = postgres.create_database()
+    kitt.env["KITT_DATABASE_URL"] = postgres.url(database)
+    home_b = tmp_path / "home-b"
+    b = replace(kitt, home=home_b, env={**kitt.env, "KITT_HOME": str(home_b)},
+                server_port=free_port(), agent_port=free_port(), children=[])  # fmt: skip
+    try:
+        kitt.start_server("--tls")
+        refused = b.run("server", "start", "--port", str(b.server_port), "--tls")
+        assert refused.returncode != 0
+        message = refused.stderr.strip()
+        assert "Traceback" not in refused.stdout + refused.stderr
+        a_ca = kitt.run("server", "ca", "--fingerprint", check=True).stdout.strip()
+        assert f"belongs to a fleet whose CA has fingerprint {a_ca}" in message, message
+        assert "docs/multi-instance.md" in message and b.run("server", "status").returncode == 3
+        shutil.rmtree(home_b / "server" / "certs")
+        shutil.copytree(kitt.home / "server" / "certs", home_b / "server" / "certs")
+        shutil.copy2(kitt.home / "server" / "admin-token", home_b / "server" / "admin-token")
+        b.start_server("--tls")
+        assert b.api("GET", "/api/v1/agents").status_code == 200  # A's CA, A's admin token
+    finally:
+        b.cleanup()
+        kitt.cleanup()
+        kitt.env.pop("KITT_DATABASE_URL")
+        postgres.drop_database(database)

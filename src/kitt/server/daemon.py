@@ -29,6 +29,7 @@ from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter, heartbeat_writer
 from kitt.server.store.credentials import CredentialStore
 from kitt.server.store.db import is_postgres, make_engine, migrate, sqlite_url
+from kitt.server.store.identity import check_ca
 from kitt.server.store.logs import LogStore
 from kitt.server.store.tests import TestStore
 from kitt.server.store.web_sessions import WebSessionStore
@@ -98,6 +99,8 @@ class ServerDaemon:
         public_url = f"{self._http.scheme}://{_public_host(settings)}:{self._http.bound_port}"
         downloads = self._prepare_downloads(public_url)
         self._engine = open_database(settings)
+        if certs is not None and is_postgres(self._engine):
+            check_ca(self._engine, certs.fingerprint())
         store = AgentStore(self._engine)
         credentials = CredentialStore(self._engine)
         admin_hash = None

@@ -246,3 +246,15 @@ class WebSession(Base):
     admin_fp: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class FleetIdentity(Base):
+    """Facts every server instance on this database must share; today the fleet CA's
+    fingerprint. An instance started with another CA (its identity files were not
+    copied) would split the fleet: agents would fail TLS on every other connection."""
+
+    __tablename__ = "fleet_identity"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime)
