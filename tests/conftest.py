@@ -59,6 +59,15 @@ SQLITE_ONLY = {
     "test_wiped_database_with_auth_asks_for_enrollment_then_recovers": "deletes kitt.db",
     "test_bad_settings_are_refused_and_nothing_is_stored": "writes into the kitt.db file",
 }
+# Files whose tests never reach the server's database (the benchmark tool, engines, the
+# agent's host-side pieces) or choose their database themselves (always PostgreSQL, or a
+# benchmark's own): a PostgreSQL pass would run them exactly as the SQLite pass does.
+SAME_ON_EVERY_DATABASE = {
+    "test_bench_client.py", "test_bench_metrics.py", "test_bench_serve.py",
+    "test_engines.py", "test_gpu_sampler.py", "test_llamacpp.py", "test_service.py",
+    "test_simulator.py", "test_units.py", "test_fleet_sim.py",
+    "test_postgres.py", "test_multi_instance.py",
+}  # fmt: skip
 T = TypeVar("T")
 
 
@@ -272,6 +281,15 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"KITT_TEST_DATABASE={TEST_DATABASE!r}: use 'sqlite' (default) or 'postgresql'"
         )
+    if ON_POSTGRES and not os.environ.get("KITT_REQUIRE_POSTGRES"):
+        from pg import find_bindir
+
+        if find_bindir() is None:  # a newcomer's machine: the SQLite pass is the one to run
+            pytest.exit(
+                "KITT_TEST_DATABASE=postgresql: PostgreSQL is not installed, so this pass "
+                "runs nothing (apt-get install postgresql, or set KITT_PG_BINDIR)",
+                returncode=0,
+            )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -283,6 +301,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         )
         if why:
             item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
+        elif item.path.name in SAME_ON_EVERY_DATABASE:
+            item.add_marker(pytest.mark.skip(reason="the same on every database: run once"))
 
 
 @pytest.fixture(scope="session")

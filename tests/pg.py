@@ -107,7 +107,10 @@ class PgCluster:
 
     def restart(self) -> None:
         """Stop and start the server (data kept): what a database failover looks like."""
-        self._tool(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart")
+        # -l: the restarted server must not keep this process's output pipe open.
+        log = str(self.root / "postgres.log")
+        self._tool(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", log,
+                   "-m", "fast", "-w", "restart")  # fmt: skip
 
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError, OSError, subprocess.SubprocessError):

@@ -88,7 +88,7 @@ def create_agent_app(
                 server_url=config.server_url,
                 registered=snap.agent_id is not None,
                 last_heartbeat_ok=snap.last_heartbeat_ok,
-                last_error=snap.last_error,
+                last_error=snap.problems,
                 pid=state.pid,
                 # Settings in force: pushed by the server, else the defaults.
                 settings=jobs.settings.effective(),

@@ -57,7 +57,7 @@ class AgentDaemon:
         listener_tls = listener_security(config, self.config_path, insecure)
         self.auth = AgentAuth(config.name, config.token, tls=listener_tls is not None)
         self._renewer: CertRenewer | None = None
-        self._spool = Spool(paths.spool)
+        self._spool = Spool(paths.spool, on_problem=self.state.spool_problem)
         # Settings pushed by the server (kitt agents set): the heartbeat adopts them, jobs
         # and the status read them.
         self.settings = PushedSettings()
@@ -206,6 +206,9 @@ class AgentDaemon:
             self._sender.join(timeout=STOP_DELIVERY_S)
             if self._spool.items():
                 log.info("%d report(s) stay spooled for the next start", len(self._spool.items()))
+            if self._spool.held_count():
+                log.error("%d report(s) that the full spool disk could not take are lost",
+                          self._spool.held_count())  # fmt: skip
 
 
 def listener_security(config: AgentConfig, path: Path, insecure: bool) -> ListenerTls | None:

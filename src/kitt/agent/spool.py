@@ -6,6 +6,13 @@ atomically, 0600, named by a sequence number), and the sender retries with backo
 the server answers 2xx. A 4xx means retrying can never succeed (the server no longer
 knows the test, the transition is illegal): the item moves to ``spool/rejected/`` for
 an operator to inspect instead of blocking everything behind it or vanishing.
+
+A full (or read-only) spool disk must not stop a running test nor lose its reports:
+what cannot be written waits in memory, in order, behind what is on disk (it is written
+out once the disk has room again, or delivered straight from memory when the server
+answers first), and the agent says why in its log and ``last_error``. Memory is capped:
+past the cap log batches are dropped (counted in the log), status changes and results
+never are.
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +39,113 @@ from kitt.paths import PRIVATE_DIR, ensure_dir, write_private
 log = logging.getLogger(__name__)
 
 AGENT_ID = "{agent_id}"
+HELD_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Held:
+    """A report the disk had no room for: its file name-to-be and its JSON text."""
+
+    name: str
+    text: str
 
 
 class Spool:
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        on_problem: Callable[[str | None], None] | None = None,
+        held_max_bytes: int = HELD_MAX_BYTES,
+    ) -> None:
         self.directory = ensure_dir(directory, PRIVATE_DIR)
         self.rejected = self.directory / "rejected"
         self._lock = threading.Lock()
+        # A crash mid-write leaves a temp file (never an item): free its space.
+        for leftover in self.directory.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
         existing = [int(p.name.split("-", 1)[0]) for p in self.items()]
         self._seq = max(existing, default=0)
         self.changed = threading.Event()
+        self._held: deque[Held] = deque()
+        self._held_bytes = 0
+        self._held_max = held_max_bytes
+        self._dropped = 0
+        self._on_problem = on_problem
+        self.problem: str | None = None
 
-    def put(self, kind: str, path: str, body: dict[str, Any]) -> Path:
+    def put(self, kind: str, path: str, body: dict[str, Any]) -> None:
         """Persist one report; ``path`` may contain ``{agent_id}``, filled in when sent."""
+        text = json.dumps({"path": path, "body": body})
         with self._lock:
             self._seq += 1
-            target = self.directory / f"{self._seq:012d}-{kind}.json"
-            # Status changes and results are fsynced; log batches (many a second) are not:
-            # they survive an agent crash, and a power cut loses at most the last batches.
-            write_private(target, json.dumps({"path": path, "body": body}), fsync=kind != "logs")
+            name = f"{self._seq:012d}-{kind}.json"
+            # Once anything waits in memory, later reports wait behind it (order matters:
+            # a result must never overtake its test's last log lines).
+            if self._held or not self._write(name, text, fsync=kind != "logs"):
+                self._hold(Held(name, text), kind)
         self.changed.set()
-        return target
+
+    def _write(self, name: str, text: str, fsync: bool = True) -> bool:
+        # Status changes and results are fsynced; log batches (many a second) are not:
+        # they survive an agent crash, and a power cut loses at most the last batches.
+        try:
+            write_private(self.directory / name, text, fsync=fsync)
+        except (OSError, KittError) as exc:
+            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+            self._set_problem(
+                f"cannot write reports to the spool {self.directory} ({reason}); they wait "
+                "in memory until it has room (free space on that disk)"
+            )
+            return False
+        self._set_problem(None)
+        return True
+
+    def _hold(self, item: Held, kind: str) -> None:
+        if kind == "logs" and self._held_bytes + len(item.text) > self._held_max:
+            if not self._dropped:
+                log.error("the spool is full and %d bytes of reports wait in memory: log "
+                          "batches are dropped until it has room", self._held_bytes)  # fmt: skip
+            self._dropped += 1
+            return
+        self._held.append(item)
+        self._held_bytes += len(item.text)
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem == self.problem:
+            return
+        if problem is not None and self.problem is None:
+            log.error("%s", problem)
+        elif problem is None:
+            dropped = f"; {self._dropped} log batch(es) were dropped" if self._dropped else ""
+            level = logging.WARNING if self._dropped else logging.INFO
+            log.log(level, "the spool %s is writable again%s", self.directory, dropped)
+            self._dropped = 0
+        self.problem = problem
+        if self._on_problem is not None:
+            self._on_problem(problem)
+
+    def write_held(self) -> None:
+        """Move what waits in memory to disk, oldest first, as far as there is room."""
+        with self._lock:
+            while self._held and self._write(self._held[0].name, self._held[0].text):
+                self._release_first()
+
+    def first_held(self) -> Held | None:
+        with self._lock:
+            return self._held[0] if self._held else None
+
+    def release(self, item: Held) -> None:
+        """``item`` (the oldest held) was delivered from memory."""
+        with self._lock:
+            if self._held and self._held[0] is item:
+                self._release_first()
+
+    def _release_first(self) -> None:
+        self._held_bytes -= len(self._held.popleft().text)
+
+    def held_count(self) -> int:
+        with self._lock:
+            return len(self._held)
 
     # The three kinds of report, each to its endpoint (ARCHITECTURE.md §4).
 
@@ -64,13 +161,21 @@ class Spool:
     def items(self) -> list[Path]:
         return sorted(p for p in self.directory.glob("*.json") if p.name[0].isdigit())
 
+    def _rejected_name(self, name: str) -> Path:
+        """A unique name, because sequence numbers restart after a restart."""
+        return self.rejected / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{name}"
+
     def reject(self, item: Path) -> None:
-        """Set an item aside; a unique name, because sequence numbers restart after a restart."""
+        """Set an item aside."""
         ensure_dir(self.rejected, PRIVATE_DIR)
-        os.replace(
-            item,
-            self.rejected / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}-{item.name}",
-        )
+        os.replace(item, self._rejected_name(item.name))
+
+    def reject_held(self, item: Held) -> None:
+        """Set a report refused straight from memory aside, if the disk has room for it."""
+        try:
+            write_private(self._rejected_name(item.name), item.text)
+        except (OSError, KittError) as exc:
+            log.error("cannot keep the refused report %s in %s: %s", item.name, self.rejected, exc)
 
 
 class SpoolSender(threading.Thread):
@@ -99,9 +204,10 @@ class SpoolSender(threading.Thread):
 
     def deliver(self) -> float:
         """Send everything in order; returns a retry delay, or 0 when the spool is empty."""
+        self._spool.write_held()
         agent_id = self._state.snapshot().agent_id
         if agent_id is None:
-            return 0.5 if self._spool.items() else 0.0
+            return 0.5 if self._spool.items() or self._spool.first_held() else 0.0
         for item in self._spool.items():
             try:
                 entry = json.loads(item.read_text())
@@ -109,31 +215,46 @@ class SpoolSender(threading.Thread):
                 log.error("unreadable spool item %s (%s); moved aside", item.name, exc)
                 self._spool.reject(item)
                 continue
-            try:
-                self._client.post_json(entry["path"].replace(AGENT_ID, agent_id), entry["body"])
-            except ApiError as exc:
-                # 401: this agent's token was revoked or the server forgot it; once the
-                # operator enrolls it again the reports are still wanted. Keep them.
-                if exc.status >= 500 or exc.status == 401:
-                    return self._retry(item, exc)
-                log.warning(
-                    "server rejected %s (%s); kept in %s", item.name, exc, self._spool.rejected
-                )
-                self._spool.reject(item)
-                self._end_test_without_result(item, entry, exc)
-                continue
-            except KittError as exc:
-                return self._retry(item, exc)
+            delay = self._send(item.name, entry, agent_id, partial(self._spool.reject, item))
+            if delay is not None:
+                return delay
             item.unlink(missing_ok=True)
-            if self._failing:
-                log.info("spooled reports are being delivered again")
-                self._failing = False
-            self._backoff.reset()
+        # What the full disk could not take comes after everything on disk.
+        while (held := self._spool.first_held()) is not None:
+            entry = json.loads(held.text)
+            delay = self._send(held.name, entry, agent_id, partial(self._spool.reject_held, held))
+            if delay is not None:
+                return delay
+            self._spool.release(held)
         return 0.0
 
-    def _end_test_without_result(self, item: Path, entry: dict[str, Any], exc: ApiError) -> None:
+    def _send(
+        self, name: str, entry: dict[str, Any], agent_id: str, set_aside: Callable[[], None]
+    ) -> float | None:
+        """Post one report: None once done with it (acknowledged, or refused and set
+        aside), else how long to wait before retrying."""
+        try:
+            self._client.post_json(entry["path"].replace(AGENT_ID, agent_id), entry["body"])
+        except ApiError as exc:
+            # 401: this agent's token was revoked or the server forgot it; once the
+            # operator enrolls it again the reports are still wanted. Keep them.
+            if exc.status >= 500 or exc.status == 401:
+                return self._retry(name, exc)
+            log.warning("server rejected %s (%s); kept in %s", name, exc, self._spool.rejected)
+            set_aside()
+            self._end_test_without_result(name, entry, exc)
+            return None
+        except KittError as exc:
+            return self._retry(name, exc)
+        if self._failing:
+            log.info("spooled reports are being delivered again")
+            self._failing = False
+        self._backoff.reset()
+        return None
+
+    def _end_test_without_result(self, name: str, entry: dict[str, Any], exc: ApiError) -> None:
         """A refused result (too large, invalid) must still end its test on the server."""
-        if not item.name.endswith("-result.json") or exc.status in (403, 404, 409):
+        if not name.endswith("-result.json") or exc.status in (403, 404, 409):
             return  # not a result, or the server does not want this test's reports at all
         test_id = entry["body"].get("test_id")
         if isinstance(test_id, str):
@@ -142,8 +263,8 @@ class SpoolSender(threading.Thread):
                 {"status": "failed", "error": f"the server refused the result: {exc.message}"},
             )
 
-    def _retry(self, item: Path, exc: KittError) -> float:
+    def _retry(self, name: str, exc: KittError) -> float:
         if not self._failing:
-            log.warning("cannot deliver %s yet (%s); will retry", item.name, exc)
+            log.warning("cannot deliver %s yet (%s); will retry", name, exc)
             self._failing = True
         return self._backoff.next()

@@ -20,6 +20,13 @@ class Snapshot:
     last_error: str | None
     uptime_s: float
     closing: bool = False
+    # Why reports cannot be written to the spool (its disk is full), None when they can.
+    spool_error: str | None = None
+
+    @property
+    def problems(self) -> str | None:
+        """Everything wrong now, for ``last_error``: the spool, then the server link."""
+        return "; ".join(p for p in (self.spool_error, self.last_error) if p) or None
 
 
 class AgentState:
@@ -50,6 +57,9 @@ class AgentState:
 
     def server_error(self, message: str) -> None:
         self._update(last_error=message)
+
+    def spool_problem(self, message: str | None) -> None:
+        self._update(spool_error=message)
 
     def set_task(self, status: AgentRunState, current_task: str | None) -> None:
         self._update(status=status, current_task=current_task)

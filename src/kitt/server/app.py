@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from kitt import __version__
 from kitt.jsonapi import ApiFailure, dump, install_json_errors
@@ -21,6 +23,7 @@ from kitt.server.events import EventHub
 from kitt.server.metrics import install_metrics
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter
+from kitt.server.store.db import describe_error
 from kitt.server.store.logs import LogStore
 from kitt.server.store.results import ResultStore
 from kitt.server.store.tests import TestStore
@@ -44,6 +47,23 @@ def create_app(
     app = Flask("kitt.server", static_folder=None)
     install_json_errors(app)
     install_openapi(app, server_openapi)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    @app.errorhandler(PoolTimeoutError)
+    def _database_unavailable(exc: Exception) -> Any:
+        """The database is down or restarting (the pool reconnects by itself once it is
+        back): a retryable 503 saying so, not a 500 "bug" with a traceback in the log."""
+        app.logger.warning("%s %s: the database did not answer: %s", request.method,
+                           request.path, describe_error(exc))  # fmt: skip
+        response = app.make_response(
+            app.handle_user_exception(
+                ApiFailure(503, "the database is unavailable; try again shortly")
+            )
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
     app.extensions["kitt.settings"] = settings
     app.extensions["kitt.agents"] = agents
     app.extensions["kitt.heartbeats"] = heartbeats

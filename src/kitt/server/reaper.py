@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.credentials import CredentialStore
+from kitt.server.store.db import describe_error
 from kitt.server.store.logs import LogStore
 from kitt.server.store.retention import pruning_turn
 from kitt.server.store.tests import TestStore
@@ -71,6 +74,10 @@ class Reaper(threading.Thread):
         while not self._stop_event.wait(self.period_s):
             try:
                 self.tick()
+            except (OperationalError, InterfaceError) as exc:
+                # The database is down or restarting: one line, the next pass retries.
+                log.warning("reaper pass skipped: the database did not answer: %s",
+                            describe_error(exc))  # fmt: skip
             except Exception:
                 log.exception("reaper pass failed; retrying next period")
 

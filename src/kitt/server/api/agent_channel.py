@@ -40,6 +40,7 @@ from kitt.server.metrics import metrics
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, BeatRecord, HeartbeatWriter
 from kitt.server.store.credentials import CredentialError, CredentialStore, Issued
+from kitt.server.store.db import describe_error
 from kitt.server.store.group_commit import WriterStoppedError
 from kitt.server.store.logs import LogStore
 from kitt.server.store.models import TestRun
@@ -200,7 +201,7 @@ def heartbeat(agent_id: str) -> Any:
         # The agent retries at its next interval; nothing it needs is lost meanwhile.
         # The cause goes to the server's log, not to the agent: a database error's text
         # carries SQL and other agents' values.
-        current_app.logger.warning("heartbeat of %s not stored: %s", agent_id, exc)
+        current_app.logger.warning("heartbeat of %s not stored: %s", agent_id, describe_error(exc))
         raise ApiFailure(503, "heartbeat not stored (the server is busy); try again") from exc
     if pushed is None:
         raise ApiFailure(404, f"unknown agent id {agent_id!r}: register again")

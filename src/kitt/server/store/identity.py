@@ -27,9 +27,7 @@ def check_ca(engine: Engine, fingerprint: str) -> None:
     with engine.begin() as conn:
         # Two instances starting together on a new database: the first insert wins.
         conn.execute(first.on_conflict_do_nothing(index_elements=[FleetIdentity.name]))
-        known = conn.scalar(
-            select(FleetIdentity.value).where(FleetIdentity.name == CA_FINGERPRINT)
-        )
+        known = conn.scalar(select(FleetIdentity.value).where(FleetIdentity.name == CA_FINGERPRINT))
     if known != fingerprint:
         raise ForeignCaError(
             f"this database belongs to a fleet whose CA has fingerprint {known}, but this "
