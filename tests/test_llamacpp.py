@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,16 +28,25 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from conftest import free_port, wait_for
 from kitt.bench import llamacpp
 from kitt.bench.llamacpp import (
+    BACKEND_ENV,
+    CMAKE_ARGS_ENV,
+    CMAKE_FLAGS,
     LLAMA_CPP_PYTHON_VERSION,
+    SDIST_ENV,
     BuildToolMissingError,
     EngineBuildError,
     LlamaCppError,
     SourceDownloadError,
     cache_dir,
     cached_binary,
+    cmake_flags_for,
+    cuda_architectures,
     ensure_llama_server,
     find_llama_server,
+    find_nvcc,
     llama_server_version,
+    read_build_info,
+    resolve_backend,
 )
 from kitt.bench.tiny_model import (
     CHATML_TEMPLATE,
@@ -200,6 +210,7 @@ def test_demo_model_is_cached_by_parameters(tmp_path: Path) -> None:
 
 
 def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(BACKEND_ENV, "cpu")
     monkeypatch.delenv("KITT_CACHE_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert cache_dir() == Path.home() / ".cache" / "kitt"
@@ -215,6 +226,7 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 def test_find_llama_server_prefers_the_cache_then_path(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.setenv(BACKEND_ENV, "cpu")
     monkeypatch.setenv("KITT_CACHE_DIR", str(tmp_path / "cache"))
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -237,6 +249,7 @@ def test_missing_cmake_is_a_clear_error_before_any_download(
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv(BACKEND_ENV, "cpu")
     with pytest.raises(BuildToolMissingError, match=r"apt-get install cmake g\+\+") as info:
         ensure_llama_server(cache=tmp_path / "cache")
     assert info.value.exit_code == 2
@@ -250,6 +263,8 @@ def test_missing_cmake_is_a_clear_error_before_any_download(
 def test_unreachable_package_index_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.setenv(BACKEND_ENV, "cpu")
+    monkeypatch.delenv(SDIST_ENV, raising=False)
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{free_port()}/simple")
     monkeypatch.setenv("PIP_RETRIES", "0")
@@ -313,6 +328,282 @@ def test_version_of_a_broken_binary_is_a_clear_error(tmp_path: Path) -> None:
         llama_server_version(fake)
     with pytest.raises(LlamaCppError, match="cannot run"):
         llama_server_version(tmp_path / "missing")
+
+
+# --- CPU and CUDA builds (no GPU needed: stand-in nvcc and nvidia-smi, a tiny project) ------
+
+needs_cmake = pytest.mark.skipif(
+    shutil.which("cmake") is None, reason="needs cmake and a C compiler"
+)
+
+# A stand-in for the vendored llama.cpp: a C "llama-server" whose --version also says which
+# backend flags cmake configured it with, so a test sees what the real build would get.
+FAKE_CMAKE = """cmake_minimum_required(VERSION 3.14)
+project(fake_llama C)
+option(GGML_CUDA "" OFF)
+set(KITT_BACKEND "cpu")
+if(GGML_CUDA)
+  string(REPLACE ";" "," archs "${CMAKE_CUDA_ARCHITECTURES}")
+  set(KITT_BACKEND "cuda ${archs} ${CMAKE_CUDA_COMPILER}")
+endif()
+add_executable(llama-server main.c)
+target_compile_definitions(llama-server PRIVATE KITT_BACKEND="${KITT_BACKEND}")
+set_target_properties(llama-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+"""
+FAKE_MAIN = """#include <stdio.h>
+int main(void) {
+    fprintf(stderr, "version: 1 (build 1, commit abc1234)\\nconfigured: %s\\n", KITT_BACKEND);
+    return 0;
+}
+"""
+
+
+def _fake_sdist(directory: Path, version: str) -> Path:
+    """A llama-cpp-python-shaped sdist holding the tiny project (what KITT_LLAMA_SDIST gets)."""
+    top = f"llama_cpp_python-{version}"
+    sdist = directory / f"{top}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, text in (("CMakeLists.txt", FAKE_CMAKE), ("main.c", FAKE_MAIN)):
+            data = text.encode()
+            member = tarfile.TarInfo(f"{top}/vendor/llama.cpp/{name}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return sdist
+
+
+def _script(path: Path, body: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def _nvidia_smi(bindir: Path, caps: str) -> Path:
+    """A stand-in nvidia-smi (a boundary we do not own) that answers only the compute
+    capability query, as a driver of these GPUs would."""
+    return _script(
+        bindir / "nvidia-smi",
+        'if [ "$1" = "--query-gpu=compute_cap" ] && [ "$2" = "--format=csv,noheader" ]; then\n'
+        f"  printf '{caps}'\nelse\n  echo \"unexpected arguments: $*\" >&2; exit 2\nfi",
+    )
+
+
+def _configured(binary: Path) -> str:
+    proc = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True)
+    return proc.stderr.splitlines()[1].removeprefix("configured: ")
+
+
+def test_cuda_architectures_come_from_nvidia_smi(tmp_path: Path) -> None:
+    smi = _nvidia_smi(tmp_path / "bin", "9.0\\n8.6\\n9.0\\n")
+    assert cuda_architectures(str(smi)) == ["86", "90"]
+    _nvidia_smi(tmp_path / "bin", "10.0\\n")
+    assert cuda_architectures(str(smi)) == ["100"]
+    _nvidia_smi(tmp_path / "bin", "[N/A]\\n")  # a driver too old to know compute_cap
+    assert cuda_architectures(str(smi)) == []
+    failing = _script(tmp_path / "fail" / "nvidia-smi", "echo 'NVIDIA-SMI has failed' >&2; exit 9")
+    assert cuda_architectures(str(failing)) == []
+    assert cuda_architectures(str(tmp_path / "missing")) == []
+
+
+def test_find_nvcc_looks_on_path_then_in_cuda_folders(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    fallback = tmp_path / "cuda" / "bin" / "nvcc"
+    assert find_nvcc(fallbacks=(fallback,)) is None
+    _script(fallback, "exit 0")
+    assert find_nvcc(fallbacks=(fallback,)) == fallback
+    on_path = _script(tmp_path / "bin" / "nvcc", "exit 0")
+    assert find_nvcc(fallbacks=(fallback,)) == on_path
+
+
+def test_backend_is_asked_else_from_the_environment_else_detected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    assert resolve_backend(nvcc_fallbacks=(nvcc,)) == "cpu"  # neither nvcc nor a GPU
+    _script(nvcc, "exit 0")
+    assert resolve_backend(nvcc_fallbacks=(nvcc,)) == "cpu"  # a toolkit, but no GPU listed
+    _nvidia_smi(bindir, "9.0\\n")
+    assert resolve_backend(nvcc_fallbacks=(nvcc,)) == "cuda"
+    assert resolve_backend("cpu", nvcc_fallbacks=(nvcc,)) == "cpu"
+    monkeypatch.setenv(BACKEND_ENV, "CPU")
+    assert resolve_backend(nvcc_fallbacks=(nvcc,)) == "cpu"
+    assert resolve_backend("cuda", nvcc_fallbacks=(nvcc,)) == "cuda"  # the option wins
+    assert resolve_backend("auto", nvcc_fallbacks=(nvcc,)) == "cuda"
+    monkeypatch.setenv(BACKEND_ENV, "rocm")
+    with pytest.raises(LlamaCppError) as info:
+        resolve_backend()
+    assert str(info.value) == (
+        f"unknown llama.cpp backend 'rocm' ({BACKEND_ENV}): use one of auto, cpu, cuda"
+    )
+
+
+def test_cmake_flags_add_cuda_and_its_architectures_only_for_cuda() -> None:
+    assert cmake_flags_for("cpu", Path("/x/nvcc"), ["90"]) == list(CMAKE_FLAGS)
+    nvcc = Path("/usr/local/cuda/bin/nvcc")
+    assert cmake_flags_for("cuda", nvcc, ["90"]) == [
+        *CMAKE_FLAGS,
+        "-DGGML_CUDA=ON",
+        "-DCMAKE_CUDA_ARCHITECTURES=90",
+        "-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc",
+    ]
+    assert "-DCMAKE_CUDA_ARCHITECTURES=86;90" in cmake_flags_for("cuda", nvcc, ["86", "90"])
+    assert cmake_flags_for("cuda")[-1] == "-DCMAKE_CUDA_ARCHITECTURES=native"
+
+
+@needs_cmake
+def test_cpu_and_cuda_builds_are_cached_apart_and_labelled(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The real build pipeline (KITT_LLAMA_SDIST, cmake, a compiler) on a tiny project:
+    each backend gets its own folder, flags, build info and log; a build whose info names
+    another backend is rebuilt, never taken for the one asked for."""
+    standins = tmp_path / "standins"
+    nvcc = _script(standins / "nvcc", "exit 0")
+    _nvidia_smi(standins, "9.0\\n")
+    monkeypatch.setenv("PATH", f"{standins}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.delenv(CMAKE_ARGS_ENV, raising=False)
+    sdist = _fake_sdist(tmp_path, "9.9.9")
+    monkeypatch.setenv(SDIST_ENV, str(sdist))
+    cache = tmp_path / "cache"
+
+    lines: list[str] = []
+    cuda = ensure_llama_server(version="9.9.9", cache=cache, backend="cuda", log=lines.append)
+    assert cuda == cache / "llama.cpp" / "9.9.9-cuda" / "llama-server"
+    assert _configured(cuda) == f"cuda 90 {nvcc}"
+    info = read_build_info("9.9.9", cache, "cuda")
+    assert info is not None
+    assert info["backend"] == "cuda" and info["sources"] == str(sdist)
+    assert info["cmake_flags"][-3:] == [
+        "-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+    ]  # fmt: skip
+    build_log = (cuda.parent / "build.log").read_text()
+    assert build_log.startswith("backend: cuda (CUDA for architectures 90)\n")
+    assert "-DGGML_CUDA=ON" in build_log
+    assert f"using the llama-cpp-python 9.9.9 sources at {sdist} ({SDIST_ENV})" in lines
+    assert any(line.startswith("built llama-server 1 (build 1, commit abc1234) (CUDA for "
+                               "architectures 90) in ") for line in lines)  # fmt: skip
+
+    cpu = ensure_llama_server(version="9.9.9", cache=cache, backend="cpu")
+    assert cpu == cache / "llama.cpp" / "9.9.9" / "llama-server"
+    assert _configured(cpu) == "cpu"
+    assert (read_build_info("9.9.9", cache, "cpu") or {})["backend"] == "cpu"
+    assert _configured(cuda) == f"cuda 90 {nvcc}"  # untouched by the CPU build
+    # auto on this (stand-in) GPU box finds the CUDA build; asked for cpu, the CPU one.
+    assert find_llama_server("9.9.9", cache) == cuda
+    assert find_llama_server("9.9.9", cache, "cpu") == cpu
+
+    # A CPU build copied into the CUDA folder runs, but is not what was asked for.
+    shutil.copy(cpu, cuda)
+    shutil.copy(cpu.parent / "build-info.json", cuda.parent / "build-info.json")
+    lines.clear()
+    again = ensure_llama_server(version="9.9.9", cache=cache, backend="cuda", log=lines.append)
+    assert again == cuda and _configured(cuda) == f"cuda 90 {nvcc}"
+    assert f"cached {cuda} is not a working cuda build here: rebuilding" in lines
+    assert (read_build_info("9.9.9", cache, "cuda") or {})["backend"] == "cuda"
+
+
+@needs_cmake
+def test_cuda_build_without_a_known_gpu_targets_native(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    standins = tmp_path / "standins"
+    nvcc = _script(standins / "nvcc", "exit 0")
+    _script(standins / "nvidia-smi", "echo 'Failed to initialize NVML' >&2; exit 9")
+    monkeypatch.setenv("PATH", f"{standins}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv(SDIST_ENV, str(_fake_sdist(tmp_path, "9.9.9")))
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    monkeypatch.setenv(CMAKE_ARGS_ENV, "-DGGML_CUDA_FA=OFF '-DKITT_NOTE=two words'")
+    binary = ensure_llama_server(version="9.9.9", cache=tmp_path / "cache")
+    assert _configured(binary) == f"cuda native {nvcc}"
+    assert binary.parent.name == "9.9.9-cuda"
+    info = read_build_info("9.9.9", tmp_path / "cache", "cuda") or {}
+    assert info["cmake_flags"][-4:] == [
+        "-DCMAKE_CUDA_ARCHITECTURES=native", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+        "-DGGML_CUDA_FA=OFF", "-DKITT_NOTE=two words",
+    ]  # fmt: skip
+    assert "-DGGML_CUDA_FA=OFF -DKITT_NOTE=two words\n" in (binary.parent / "build.log").read_text()
+
+
+@needs_cmake
+@pytest.mark.skipif(find_nvcc() is not None, reason="a real nvcc is installed here")
+def test_cuda_build_without_nvcc_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(SDIST_ENV, str(_fake_sdist(tmp_path, "9.9.9")))
+    with pytest.raises(BuildToolMissingError) as info:
+        ensure_llama_server(version="9.9.9", cache=tmp_path / "cache", backend="cuda")
+    assert "a CUDA build needs nvcc" in str(info.value)
+    assert f"--backend cpu ({BACKEND_ENV}=cpu)" in str(info.value)
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "cache" / "llama.cpp" / "9.9.9-cuda" / "llama-server").exists()
+
+
+@needs_cmake
+def test_bad_sources_or_flags_are_clear_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(SDIST_ENV, str(tmp_path / "nowhere.tar.gz"))
+    with pytest.raises(SourceDownloadError, match=f"{SDIST_ENV}=.*nowhere.tar.gz: no such file"):
+        ensure_llama_server(version="9.9.9", cache=tmp_path / "cache", backend="cpu")
+    other = _fake_sdist(tmp_path, "1.0.0")
+    monkeypatch.setenv(SDIST_ENV, str(other))
+    with pytest.raises(SourceDownloadError) as info:
+        ensure_llama_server(version="9.9.9", cache=tmp_path / "cache", backend="cpu")
+    assert "expected the llama-cpp-python 9.9.9 sdist (llama_cpp_python-9.9.9.tar.gz)" in str(
+        info.value
+    )
+    monkeypatch.setenv(SDIST_ENV, str(_fake_sdist(tmp_path, "9.9.9")))
+    monkeypatch.setenv(CMAKE_ARGS_ENV, "-DX='unclosed")
+    with pytest.raises(EngineBuildError, match=f"^{CMAKE_ARGS_ENV}: No closing quotation$"):
+        ensure_llama_server(version="9.9.9", cache=tmp_path / "cache", backend="cpu")
+    assert not (tmp_path / "cache" / "llama.cpp" / "9.9.9" / "llama-server").exists()
+
+
+@needs_cmake
+def test_prepare_demo_builds_for_the_asked_backend(tmp_path: Path) -> None:
+    """``kitt bench prepare-demo --backend cuda`` as a user runs it (offline sources)."""
+    standins = tmp_path / "standins"
+    _script(standins / "nvcc", "exit 0")
+    _nvidia_smi(standins, "9.0\\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KITT_")}
+    env.update(
+        PATH=f"{standins}{os.pathsep}{os.environ['PATH']}", KITT_CACHE_DIR=str(tmp_path / "c"),
+        KITT_HOME=str(tmp_path / "home"), COLUMNS="200", NO_COLOR="1",
+        KITT_LLAMA_SDIST=str(_fake_sdist(tmp_path, LLAMA_CPP_PYTHON_VERSION)),
+    )  # fmt: skip
+
+    def prepare(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kitt", "bench", "prepare-demo", *args],
+            env={**env, **extra}, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    done = prepare("--backend", "cuda")
+    assert done.returncode == 0, done.stdout + done.stderr
+    cuda_dir = tmp_path / "c" / "llama.cpp" / f"{LLAMA_CPP_PYTHON_VERSION}-cuda"
+    assert f"building llama-server (cuda) into {cuda_dir}" in done.stdout
+    assert "configuring llama.cpp (unknown commit) for CUDA for architectures 90" in done.stdout
+    assert (
+        f"llama-server: {cuda_dir / 'llama-server'} (1 (build 1, commit abc1234); "
+        "CUDA for architectures 90)" in done.stdout
+    )
+    assert "demo model: " in done.stdout
+    again = prepare()  # auto on this (stand-in) GPU box: the cached CUDA build, no rebuild
+    assert again.returncode == 0 and "building" not in again.stdout, again.stdout
+    assert "CUDA for architectures 90)" in again.stdout
+
+    bad = prepare("--backend", "rocm")
+    assert bad.returncode == 2 and "Invalid value for '--backend'" in bad.stderr
+    bad_env = prepare(KITT_LLAMA_BACKEND="rocm")
+    assert bad_env.returncode == 1 and "Traceback" not in bad_env.stderr + bad_env.stdout
+    assert f"unknown llama.cpp backend 'rocm' ({BACKEND_ENV})" in bad_env.stderr + bad_env.stdout
 
 
 # --- the real engine ----------------------------------------------------------------------

@@ -1,8 +1,18 @@
 """Building llama.cpp's ``llama-server`` so that machines without a GPU have a real engine.
 
 The llama.cpp sources come from the PyPI sdist of ``llama-cpp-python`` (it vendors a
-pinned llama.cpp): PyPI is reachable wherever KITT installs, GitHub may not be. The build
-is a static, CPU-only binary cached by version, so it happens once per machine.
+pinned llama.cpp): PyPI is reachable wherever KITT installs, GitHub may not be; an offline
+machine can be handed the sdist with ``KITT_LLAMA_SDIST=path``. The build is cached by
+version and backend, so it happens once per machine:
+
+* ``cpu``: a static binary with no GPU code (``<cache>/llama.cpp/<version>/``);
+* ``cuda``: ``-DGGML_CUDA=ON`` for the visible GPUs' compute capabilities
+  (``<cache>/llama.cpp/<version>-cuda/``); it links the CUDA runtime libraries.
+
+``auto`` (the default, or ``KITT_LLAMA_BACKEND``) picks ``cuda`` where nvcc is installed
+and ``nvidia-smi`` lists a GPU: a GPU box is where users expect the engine on the GPU.
+``KITT_LLAMA_CMAKE_ARGS`` adds configure flags (a cuBLAS outside the toolkit, llama.cpp's
+own options); they are recorded in build-info.json but are no part of the cache key.
 
 The binary is compiled with llama.cpp's default ``GGML_NATIVE=ON`` (``-march=native``):
 fastest here, but a cache copied to a machine with an older CPU may die with SIGILL.
@@ -19,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,6 +56,14 @@ CMAKE_FLAGS: tuple[str, ...] = (
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
 )
+
+BACKENDS = ("cpu", "cuda")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+BACKEND_ENV = "KITT_LLAMA_BACKEND"
+SDIST_ENV = "KITT_LLAMA_SDIST"
+CMAKE_ARGS_ENV = "KITT_LLAMA_CMAKE_ARGS"
+NVCC_FALLBACKS: tuple[Path, ...] = (Path("/usr/local/cuda/bin/nvcc"),)
+"""Where CUDA installs nvcc without putting it on PATH (the NVIDIA packages and images)."""
 
 BINARY_NAME = "llama-server"
 BUILD_INFO_NAME = "build-info.json"
@@ -90,13 +109,94 @@ def cache_dir() -> Path:
     return base / "kitt"
 
 
-def build_dir_for(version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None) -> Path:
-    """Where the build of one llama-cpp-python version lives: binary, build info, log, lock."""
-    return (cache or cache_dir()) / "llama.cpp" / version
+def find_nvcc(fallbacks: Sequence[Path] = NVCC_FALLBACKS) -> Path | None:
+    """CUDA's compiler: ``nvcc`` on PATH, else the first executable of ``fallbacks``."""
+    found = shutil.which("nvcc")
+    if found:
+        return Path(found)
+    return next((path for path in fallbacks if _is_executable(path)), None)
 
 
-def cached_binary(version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None) -> Path:
-    return build_dir_for(version, cache) / BINARY_NAME
+def cuda_architectures(nvidia_smi: str = "nvidia-smi") -> list[str]:
+    """The visible GPUs' compute capabilities as CMake names them (9.0 → ``"90"``), sorted.
+
+    Empty when ``nvidia-smi`` is missing, fails (no driver, no GPU) or is too old to know
+    ``compute_cap``: callers then build for ``native`` or not for CUDA at all.
+    """
+    try:
+        proc = subprocess.run(
+            [nvidia_smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if proc.returncode != 0:
+        return []
+    caps = {
+        f"{int(m.group(1))}{int(m.group(2))}"
+        for m in (re.fullmatch(r"\s*(\d+)\.(\d+)\s*", line) for line in proc.stdout.splitlines())
+        if m
+    }
+    return sorted(caps, key=int)
+
+
+def resolve_backend(
+    requested: str | None = None, *, nvcc_fallbacks: Sequence[Path] = NVCC_FALLBACKS
+) -> str:
+    """``cpu`` or ``cuda``: ``requested``, else ``$KITT_LLAMA_BACKEND``, else ``auto``.
+
+    ``auto`` means CUDA only where both halves are there: nvcc to compile and a GPU that
+    ``nvidia-smi`` lists (a CUDA toolkit on a GPU-less build box still gets a CPU build).
+    """
+    choice = (requested or os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    if choice not in BACKEND_CHOICES:
+        source = "--backend" if requested else BACKEND_ENV
+        raise LlamaCppError(
+            f"unknown llama.cpp backend {choice!r} ({source}): "
+            f"use one of {', '.join(BACKEND_CHOICES)}"
+        )
+    if choice != "auto":
+        return choice
+    if find_nvcc(nvcc_fallbacks) is not None and cuda_architectures():
+        return "cuda"
+    return "cpu"
+
+
+def cmake_flags_for(backend: str, nvcc: Path | None = None, archs: Sequence[str] = ()) -> list[str]:
+    """The configure flags of a build: :data:`CMAKE_FLAGS`, plus CUDA's for ``cuda``.
+
+    The compiler is named explicitly because nvcc is often not on PATH; with no known
+    compute capability, ``native`` lets nvcc ask the GPUs of the building machine.
+    """
+    flags = list(CMAKE_FLAGS)
+    if backend == "cuda":
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs) or 'native'}"]
+        if nvcc is not None:
+            flags.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+    return flags
+
+
+def build_dir_for(
+    version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None, backend: str | None = None
+) -> Path:
+    """Where one version's build for one backend lives: binary, build info, log, lock.
+
+    CPU builds keep the plain version folder (caches from before backends still count);
+    other backends get ``<version>-<backend>``, so neither is ever taken for the other.
+    """
+    resolved = resolve_backend(backend)
+    name = version if resolved == "cpu" else f"{version}-{resolved}"
+    return (cache or cache_dir()) / "llama.cpp" / name
+
+
+def cached_binary(
+    version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None, backend: str | None = None
+) -> Path:
+    return build_dir_for(version, cache, backend) / BINARY_NAME
 
 
 def _is_executable(path: Path) -> bool:
@@ -104,10 +204,11 @@ def _is_executable(path: Path) -> bool:
 
 
 def find_llama_server(
-    version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None
+    version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None, backend: str | None = None
 ) -> Path | None:
-    """The cached build if there is one, else ``llama-server`` on PATH, else None."""
-    cached = cached_binary(version, cache)
+    """The cached build for the backend if there is one, else ``llama-server`` on PATH,
+    else None."""
+    cached = cached_binary(version, cache, backend)
     if _is_executable(cached):
         return cached
     found = shutil.which(BINARY_NAME)
@@ -115,11 +216,15 @@ def find_llama_server(
 
 
 def read_build_info(
-    version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None
+    version: str = LLAMA_CPP_PYTHON_VERSION, cache: Path | None = None, backend: str | None = None
 ) -> dict[str, Any] | None:
     """The JSON written beside a cached build (None when absent or unreadable)."""
+    return _read_info(build_dir_for(version, cache, backend))
+
+
+def _read_info(directory: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((build_dir_for(version, cache) / BUILD_INFO_NAME).read_text())
+        data = json.loads((directory / BUILD_INFO_NAME).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -157,28 +262,38 @@ def ensure_llama_server(
     log: Callable[[str], None] = _discard,
     version: str = LLAMA_CPP_PYTHON_VERSION,
     cache: Path | None = None,
+    backend: str | None = None,
 ) -> Path:
-    """Return the cached ``llama-server``, building it first when there is none (minutes).
+    """Return the cached ``llama-server`` for ``backend`` (see :func:`resolve_backend`),
+    building it first when there is none (minutes; a CUDA build takes longer).
 
     A file lock makes concurrent callers (a test and ``kitt demo``) build once: the others
     wait and then find the binary. Build output is streamed to ``log`` as progress lines;
-    the full log stays in ``build.log`` beside the binary.
+    the full log stays in ``build.log`` beside the binary. A cached binary counts only if
+    it runs and its build info names the same backend.
     """
-    target_dir = build_dir_for(version, cache)
+    backend = resolve_backend(backend)
+    target_dir = build_dir_for(version, cache, backend)
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EngineBuildError(f"cannot create the engine cache {target_dir}: {exc}") from exc
     binary = target_dir / BINARY_NAME
-    if _runs(binary):
+    if _usable(binary, backend):
         return binary
     with _build_lock(target_dir, log):
-        if _runs(binary):  # another process built it while we waited
+        if _usable(binary, backend):  # another process built it while we waited
             return binary
         if binary.exists():
-            log(f"cached {binary} does not run on this machine: rebuilding")
-        _build(version, target_dir, jobs or os.cpu_count() or 1, log)
+            log(f"cached {binary} is not a working {backend} build here: rebuilding")
+        _build(version, target_dir, backend, jobs or os.cpu_count() or 1, log)
     return binary
+
+
+def _usable(binary: Path, backend: str) -> bool:
+    """Runs, and was built for ``backend`` (build info without one predates backends: CPU)."""
+    info = _read_info(binary.parent) or {}
+    return info.get("backend", "cpu") == backend and _runs(binary)
 
 
 def _runs(binary: Path) -> bool:
@@ -206,7 +321,7 @@ def _build_lock(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
 
 
 def _check_tools() -> list[str]:
-    """Fail before a 70 MB download when the tools are missing; return the generator args."""
+    """Fail before a 75 MB download when the tools are missing; return the generator args."""
     if shutil.which("cmake") is None:
         raise BuildToolMissingError(f"cmake not found: {_INSTALL_HINT}")
     cxx = os.environ.get("CXX") or next(
@@ -222,18 +337,47 @@ def _check_tools() -> list[str]:
     raise BuildToolMissingError(f"neither make nor ninja found: {_INSTALL_HINT} make")
 
 
-def _build(version: str, target_dir: Path, jobs: int, log: Callable[[str], None]) -> None:
+def _build(
+    version: str, target_dir: Path, backend: str, jobs: int, log: Callable[[str], None]
+) -> None:
     generator = _check_tools()
+    nvcc: Path | None = None
+    archs: list[str] = []
+    if backend == "cuda":
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise BuildToolMissingError(
+                "a CUDA build needs nvcc (on PATH or /usr/local/cuda/bin): install the CUDA "
+                f"toolkit, or build for the CPU with --backend cpu ({BACKEND_ENV}=cpu)"
+            )
+        archs = cuda_architectures()
+    try:
+        extra = shlex.split(os.environ.get(CMAKE_ARGS_ENV, ""))
+    except ValueError as exc:
+        raise EngineBuildError(f"{CMAKE_ARGS_ENV}: {exc}") from None
+    flags = cmake_flags_for(backend, nvcc, archs) + extra
     log_path = target_dir / "build.log"
     with (
         tempfile.TemporaryDirectory(prefix="kitt-llama-build-") as tmp,
         log_path.open("w", encoding="utf-8") as build_log,
     ):
         try:
-            info = _build_in(Path(tmp), version, target_dir, generator, jobs, log, build_log)
+            info = _build_in(Path(tmp), version, target_dir, generator, flags, jobs, log, build_log)
         except EngineBuildError as exc:
             raise type(exc)(f"{exc}\n(full build log: {log_path})") from exc
-    log(f"built llama-server {info['server_version']} in {info['build_seconds']} s")
+    log(f"built llama-server {info['server_version']} ({describe_build(info)}) "
+        f"in {info['build_seconds']} s")  # fmt: skip
+
+
+def describe_build(info: dict[str, Any]) -> str:
+    """``CPU`` or ``CUDA for architectures 90``, from a build's info (its cmake flags)."""
+    flags = info.get("cmake_flags") or []
+    if "-DGGML_CUDA=ON" not in flags:
+        return "CPU"
+    archs = next(
+        (f.split("=", 1)[1] for f in flags if f.startswith("-DCMAKE_CUDA_ARCHITECTURES=")), "?"
+    )
+    return f"CUDA for architectures {archs}"
 
 
 def _build_in(
@@ -241,13 +385,23 @@ def _build_in(
     version: str,
     target_dir: Path,
     generator: list[str],
+    flags: list[str],
     jobs: int,
     log: Callable[[str], None],
     build_log: Any,
 ) -> dict[str, Any]:
     started = time.monotonic()
-    log(f"downloading llama-cpp-python {version} sources (sdist, ~75 MB)")
-    sdist = _download_sdist(version, work / "download", build_log)
+    info: dict[str, Any] = {"llama_cpp_python_version": version, "cmake_flags": flags}
+    backend = "cuda" if "-DGGML_CUDA=ON" in flags else "cpu"
+    described = describe_build(info)
+    build_log.write(f"backend: {backend} ({described})\n")
+    local = os.environ.get(SDIST_ENV)
+    if local:
+        sdist = _local_sdist(Path(local), version)
+        log(f"using the llama-cpp-python {version} sources at {sdist} ({SDIST_ENV})")
+    else:
+        log(f"downloading llama-cpp-python {version} sources (sdist, ~75 MB)")
+        sdist = _download_sdist(version, work / "download", build_log)
     log(f"extracting {sdist.name}")
     root = _safe_extract(sdist, work / "src")
     source = root / "vendor" / "llama.cpp"
@@ -255,10 +409,10 @@ def _build_in(
         raise EngineBuildError(f"{sdist.name} has no vendor/llama.cpp/CMakeLists.txt")
     commit = _vendored_commit(source)
     build = work / "build"
-    log(f"configuring llama.cpp {commit or '(unknown commit)'} with cmake")
-    configure = ["cmake", "-S", str(source), "-B", str(build), *generator, *CMAKE_FLAGS]
+    log(f"configuring llama.cpp {commit or '(unknown commit)'} for {described} with cmake")
+    configure = ["cmake", "-S", str(source), "-B", str(build), *generator, *flags]
     _stream(configure, build_log, _discard, "cmake configure")
-    log(f"compiling llama-server with {jobs} job(s): a few minutes")
+    log(f"compiling llama-server ({described}) with {jobs} job(s): a few minutes")
     compile_ = ["cmake", "--build", str(build), "--target", BINARY_NAME, "-j", str(jobs)]
     _stream(compile_, build_log, log, "cmake build")
     built = build / "bin" / BINARY_NAME
@@ -268,22 +422,35 @@ def _build_in(
         server_version = llama_server_version(built)
     except LlamaCppError as exc:
         raise EngineBuildError(f"the built llama-server does not run: {exc}") from exc
-    info: dict[str, Any] = {
-        "llama_cpp_python_version": version,
+    info.update({
+        "backend": backend,
         "llama_cpp_commit": commit,
         "server_version": server_version,
-        "cmake_flags": list(CMAKE_FLAGS),
         "native": True,  # GGML_NATIVE default: -march=native, see the module docstring
         "machine": platform.machine(),
+        "sources": str(sdist) if local else "pypi",
         "build_seconds": round(time.monotonic() - started, 1),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    })  # fmt: skip
     _atomic_write(target_dir / BUILD_INFO_NAME, json.dumps(info, indent=2).encode() + b"\n")
     staged = target_dir / f".{BINARY_NAME}.{os.getpid()}.tmp"
     shutil.copyfile(built, staged)
     staged.chmod(0o755)
     os.replace(staged, target_dir / BINARY_NAME)  # the binary appearing marks a finished build
     return info
+
+
+def _local_sdist(path: Path, version: str) -> Path:
+    """The sdist named by ``$KITT_LLAMA_SDIST`` (offline machines), checked to be the
+    pinned version: building other sources under this version's cache would mislabel them."""
+    if not path.is_file():
+        raise SourceDownloadError(f"{SDIST_ENV}={path}: no such file")
+    if not re.fullmatch(rf"llama_cpp_python-{re.escape(version)}\.tar(\.(gz|xz|bz2))?", path.name):
+        raise SourceDownloadError(
+            f"{SDIST_ENV}={path}: expected the llama-cpp-python {version} sdist "
+            f"(llama_cpp_python-{version}.tar.gz)"
+        )
+    return path.absolute()
 
 
 def _download_sdist(version: str, dest: Path, build_log: Any) -> Path:

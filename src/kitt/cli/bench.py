@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from kitt.bench.llamacpp import BACKEND_CHOICES
 from kitt.bench.params import ServeParams, load_params
 from kitt.cli.common import Duration, KittGroup, console
 from kitt.errors import ConfigError
@@ -195,19 +196,35 @@ def engines_cmd() -> None:
 
 
 @bench.command("prepare-demo")
-def prepare_demo() -> None:
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES),
+              help="llama-server build: cuda, cpu, or auto (the default, or $KITT_LLAMA_BACKEND): "
+              "cuda where nvcc and an NVIDIA GPU are found.")  # fmt: skip
+def prepare_demo(backend: str | None) -> None:
     """Build llama.cpp's llama-server (once, cached) and write the demo's tiny model."""
+    import os
+    import shutil
+
     from kitt.bench import llamacpp, tiny_model
 
     def progress(line: str) -> None:
         console.print(f"  {escape(line)}", highlight=False)
 
-    binary = llamacpp.find_llama_server()
-    if binary is None:
-        console.print(f"building llama-server into {escape(str(llamacpp.cache_dir()))} …")
-        binary = llamacpp.ensure_llama_server(log=progress)
+    resolved = llamacpp.resolve_backend(backend)
+    cached = llamacpp.cached_binary(backend=resolved)
+    # A llama-server the user installed counts, as in `kitt demo`, unless a backend was asked for.
+    asked = backend or os.environ.get(llamacpp.BACKEND_ENV)
+    on_path = None if asked or cached.exists() else shutil.which(llamacpp.BINARY_NAME)
+    if on_path:
+        binary, what = Path(on_path), "found on PATH"
+    else:
+        if not cached.exists():
+            console.print(f"building llama-server ({resolved}) into "
+                          f"{escape(str(cached.parent))} …")  # fmt: skip
+        binary = llamacpp.ensure_llama_server(log=progress, backend=resolved)
+        info = llamacpp.read_build_info(backend=resolved) or {}
+        what = llamacpp.describe_build(info)
     console.print(f"llama-server: {escape(str(binary))} "
-                  f"({escape(llamacpp.llama_server_version(binary))})")  # fmt: skip
+                  f"({escape(llamacpp.llama_server_version(binary))}; {what})")  # fmt: skip
     model = tiny_model.ensure_demo_model()
     console.print(f"demo model: {escape(str(model))}")
 
