@@ -15,11 +15,13 @@ import socket
 
 _FIRST = 10_000
 _BLOCK = 2_000  # ports per worker: far more than one worker's tests use in a run
+_BLOCKS = 11  # 10,000-31,999: below the usual ephemeral range (32768-60999)
 
 
 def _worker() -> int:
+    """This xdist worker's block (workers past the eleventh share blocks, still checked)."""
     name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw3"
-    return int(name[2:]) if name[2:].isdigit() else 0
+    return (int(name[2:]) if name[2:].isdigit() else 0) % _BLOCKS
 
 
 _candidates = itertools.cycle(range(_FIRST + _worker() * _BLOCK, _FIRST + (_worker() + 1) * _BLOCK))

@@ -459,7 +459,9 @@ def test_full_spool_disk_is_reported_and_loses_nothing(kitt: Kitt, tiny_spool: P
     wait_for(lambda: kitt.agent_status()["last_error"] is None, what="the error cleared")
     assert kitt.pid_of("agent") == agent_pid and kitt.agent("gpu-01")["online"]
     log = (kitt.home / "agent.log").read_text()
-    assert log.count("cannot write reports to the spool") == 1  # said once, not per report
+    # Said when the disk fills, not per report (twice at most: a retry that refills the
+    # room freed by the delivery may find it full once more).
+    assert 1 <= log.count("cannot write reports to the spool") <= 2
     assert "No space left on device" in log and "is writable again" in log
     assert "Traceback" not in log
     assert not (tiny_spool / "rejected").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from flask import Flask, Response, jsonify, request
@@ -136,8 +137,11 @@ def install_json_errors(app: Flask) -> None:
             return body, status
         return error(code, exc.description or exc.name)
 
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Any:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        message = "internal server error (this is a bug; the log has details)"
-        return _page_error(app, 500, message) or error(500, message)
+    app.register_error_handler(Exception, partial(unexpected_error, app))
+
+
+def unexpected_error(app: Flask, exc: Exception) -> Any:
+    """A bug: logged with its traceback, answered with a 500 that leaks nothing."""
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    message = "internal server error (this is a bug; the log has details)"
+    return _page_error(app, 500, message) or error(500, message)

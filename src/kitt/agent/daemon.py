@@ -204,6 +204,7 @@ class AgentDaemon:
         if self._sender is not None:
             self._sender.stop()
             self._sender.join(timeout=STOP_DELIVERY_S)
+            self._spool.write_held()  # room may have come back since the sender last tried
             if self._spool.items():
                 log.info("%d report(s) stay spooled for the next start", len(self._spool.items()))
             if self._spool.held_count():

@@ -208,25 +208,30 @@ class SpoolSender(threading.Thread):
         agent_id = self._state.snapshot().agent_id
         if agent_id is None:
             return 0.5 if self._spool.items() or self._spool.first_held() else 0.0
-        for item in self._spool.items():
-            try:
-                entry = json.loads(item.read_text())
-            except (OSError, ValueError) as exc:
-                log.error("unreadable spool item %s (%s); moved aside", item.name, exc)
-                self._spool.reject(item)
-                continue
-            delay = self._send(item.name, entry, agent_id, partial(self._spool.reject, item))
-            if delay is not None:
-                return delay
-            item.unlink(missing_ok=True)
-        # What the full disk could not take comes after everything on disk.
-        while (held := self._spool.first_held()) is not None:
+        while True:
+            items = self._spool.items()
+            for item in items:
+                try:
+                    entry = json.loads(item.read_text())
+                except (OSError, ValueError) as exc:
+                    log.error("unreadable spool item %s (%s); moved aside", item.name, exc)
+                    self._spool.reject(item)
+                    continue
+                delay = self._send(item.name, entry, agent_id, partial(self._spool.reject, item))
+                if delay is not None:
+                    return delay
+                item.unlink(missing_ok=True)
+            if items:
+                continue  # written meanwhile (older than anything held): those go first
+            # What the full disk could not take comes after everything on disk.
+            held = self._spool.first_held()
+            if held is None:
+                return 0.0
             entry = json.loads(held.text)
             delay = self._send(held.name, entry, agent_id, partial(self._spool.reject_held, held))
             if delay is not None:
                 return delay
             self._spool.release(held)
-        return 0.0
 
     def _send(
         self, name: str, entry: dict[str, Any], agent_id: str, set_aside: Callable[[], None]

@@ -140,6 +140,7 @@ class RetentionDuration(Duration):
     "and their results stay). 'off' or 0: keep logs forever.",
 )
 @click.option("--prune-every", type=Duration(), default="5m", hidden=True)
+@click.option("--pending-resync", type=Duration(), default="30s", hidden=True)
 @click.option(
     "--lost-after",
     type=Duration(),
@@ -188,6 +189,7 @@ def start(
     heartbeat_retention: float,
     log_retention: float,
     prune_every: float,
+    pending_resync: float,
     lost_after: float,
     agent_package: Path | None,
     wheelhouse: Path | None,
@@ -228,6 +230,7 @@ def start(
             heartbeat_retention_s=heartbeat_retention,
             log_retention_s=log_retention or None,
             prune_every_s=prune_every,
+            pending_resync_s=pending_resync,
             lost_after_s=lost_after,
             tls=tls,
             hostnames=list(hostnames),
@@ -253,6 +256,7 @@ def start(
         "--heartbeat-retention", repr(heartbeat_retention),
         "--log-retention", repr(log_retention),
         "--prune-every", repr(prune_every),
+        "--pending-resync", repr(pending_resync),
         "--lost-after", repr(lost_after),
         "--agent-cert-lifetime", repr(agent_cert_lifetime),
         "--log-level", log_level,

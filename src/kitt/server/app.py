@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, Response, request
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from kitt import __version__
-from kitt.jsonapi import ApiFailure, dump, install_json_errors
+from kitt.jsonapi import ApiFailure, dump, install_json_errors, unexpected_error
 from kitt.openapi import install_openapi
 from kitt.protocol import Health
 from kitt.server.api import agent_channel, agent_package, fleet, fleet_events, results, tokens
@@ -23,7 +23,7 @@ from kitt.server.events import EventHub
 from kitt.server.metrics import install_metrics
 from kitt.server.settings import ServerSettings
 from kitt.server.store.agents import AgentStore, HeartbeatWriter
-from kitt.server.store.db import describe_error
+from kitt.server.store.db import describe_error, is_unavailable
 from kitt.server.store.logs import LogStore
 from kitt.server.store.results import ResultStore
 from kitt.server.store.tests import TestStore
@@ -48,12 +48,14 @@ def create_app(
     install_json_errors(app)
     install_openapi(app, server_openapi)
 
-    @app.errorhandler(OperationalError)
-    @app.errorhandler(InterfaceError)
+    @app.errorhandler(DBAPIError)
     @app.errorhandler(PoolTimeoutError)
-    def _database_unavailable(exc: Exception) -> Any:
+    def _database_error(exc: Exception) -> Any:
         """The database is down or restarting (the pool reconnects by itself once it is
-        back): a retryable 503 saying so, not a 500 "bug" with a traceback in the log."""
+        back): a retryable 503 saying so, not a 500 "bug" with a traceback in the log. A
+        statement the database refused is a bug, and stays one."""
+        if not is_unavailable(exc):
+            return unexpected_error(app, exc)
         app.logger.warning("%s %s: the database did not answer: %s", request.method,
                            request.path, describe_error(exc))  # fmt: skip
         response = app.make_response(

@@ -38,9 +38,6 @@ from kitt.urls import is_loopback
 
 log = logging.getLogger(__name__)
 
-# With PostgreSQL (several instances may share it), how often each instance re-reads which
-# agents have pending work, in case a notification from another instance was lost.
-RESYNC_EVERY_S = 30.0
 
 
 def open_database(settings: ServerSettings) -> Engine:
@@ -119,7 +116,7 @@ class ServerDaemon:
         shared = is_postgres(self._engine)  # other server instances may use it too
         self._dispatcher = Dispatcher(
             tests, store, credentials, push_context, hub=events,
-            resync_every_s=RESYNC_EVERY_S if shared else None,
+            resync_every_s=settings.pending_resync_s if shared else None,
         )  # fmt: skip
         if shared:
             self._relay = _relay(self._engine, events, self._dispatcher)
@@ -234,10 +231,10 @@ class ServerDaemon:
             steps.append(("live streams", self._events.close))  # frees their threads
         if self._http is not None:
             steps.append(("listener", self._http.stop))
-        if self._relay is not None:
-            steps.append(("event relay", self._relay.stop))
         if self._heartbeats is not None:
             steps.append(("heartbeat writer", self._heartbeats.stop))
+        if self._relay is not None:  # after the writer's last batch: that is news too
+            steps.append(("event relay", self._relay.stop))
         if self._dispatcher is not None:
             steps.append(("dispatcher", self._dispatcher.stop))
         if self._engine is not None:

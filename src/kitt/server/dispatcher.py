@@ -14,7 +14,10 @@ instances, a submit on one instance reaches the others' sets through the event h
 database every ``resync_every_s`` and after its relay reconnects, in case a notification
 was lost. Whichever instance the agent's heartbeat reaches then carries the test; the
 dispatch itself is a row-locked compare-and-set (store/tests.py), so two instances never
-both dispatch a test, nor two tests to one agent.
+both record one test as dispatched, nor two tests for one agent. One window remains, as
+within one instance: a push is recorded just after the agent accepted it, so a heartbeat
+that left the agent while it was still idle, answered in those milliseconds, can carry a
+second test; the agent refuses it (one test at a time) and it fails saying so.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from kitt.server.events import WORK_TOPIC_PREFIX, EventHub
 from kitt.server.lifecycle import IllegalTransitionError
 from kitt.server.store.agents import AgentStore
 from kitt.server.store.credentials import CredentialStore
+from kitt.server.store.db import describe_error
 from kitt.server.store.models import TestRun
 from kitt.server.store.tests import TestStore
 
@@ -209,7 +213,8 @@ class Dispatcher:
                 try:
                     self.resync()
                 except Exception as exc:
-                    log.warning("cannot re-read pending work (%s); retrying later", exc)
+                    log.warning("cannot re-read pending work (%s); retrying later",
+                                describe_error(exc))  # fmt: skip
             if not agent_id:
                 continue
             try:

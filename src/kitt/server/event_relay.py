@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
 
 from kitt.server.store.db import CONNECT_TIMEOUT_S, describe_error
 
@@ -42,6 +41,9 @@ RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 # A send that failed is not retried (the database is down: what it announced may not
 # even have committed); one warning per this many seconds at most.
 WARN_EVERY_S = 30.0
+# libpq's TCP keepalives and timeout on the listening connection.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+              "keepalives_count": 3, "tcp_user_timeout": 15_000}  # fmt: skip
 _SEND = text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p")
 
 
@@ -94,21 +96,28 @@ class PgEventRelay:
             self._cond.notify()
 
     def _send_loop(self) -> None:
+        """Send what was published, until stopped; what is left then goes out once more
+        (the server's last writes, flushed while it stopped, are news to the others)."""
         while True:
             with self._cond:
                 while not self._outbox and not self._stopping.is_set():
                     self._cond.wait()
-                if self._stopping.is_set():
-                    return
+                stopping = self._stopping.is_set()
                 topics, self._outbox = list(self._outbox), {}
-            payloads = [f"{self.instance} {topic}" for topic in topics]
-            try:
-                with self._engine.begin() as conn:
-                    conn.execute(_SEND, {"channel": CHANNEL, "payloads": payloads})
-                self.sent += 1
-            except SQLAlchemyError as exc:
-                self._warn(f"cannot tell other server instances of {len(topics)} changes "
-                           f"({describe_error(exc)}); they catch up when it answers")  # fmt: skip
+            if topics:
+                self._send(topics)
+            if stopping:
+                return
+
+    def _send(self, topics: list[str]) -> None:
+        payloads = [f"{self.instance} {topic}" for topic in topics]
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(_SEND, {"channel": CHANNEL, "payloads": payloads})
+            self.sent += 1
+        except Exception as exc:  # the thread must outlive any error: it is the only sender
+            self._warn(f"cannot tell other server instances of {len(topics)} changes "
+                       f"({describe_error(exc)}); they catch up when it answers")  # fmt: skip
 
     def _listen_loop(self) -> None:
         failures = 0
@@ -123,7 +132,7 @@ class PgEventRelay:
                 continue
             try:
                 if failures:
-                    log.info("event relay: listening again; every live stream re-reads")
+                    self._warn("listening again; every live stream re-reads")
                     self._resync()
                 failures = 0
                 self._listening.set()
@@ -134,21 +143,29 @@ class PgEventRelay:
                 self._warn(f"lost the database connection that hears other server "
                            f"instances ({describe_error(exc)}); reconnecting")  # fmt: skip
                 failures = 1
+                # Never a tight loop, whatever broke (a database refusing LISTEN, say).
+                self._stopping.wait(RETRY_S[0])
             finally:
                 _close_quietly(conn)
 
     def _connect(self) -> Any:
-        """A connection of its own, outside the pool (it stays in LISTEN for good)."""
+        """A connection of its own, outside the pool (it stays in LISTEN for good), made
+        from the engine's own connection arguments (never a URL string: a password with
+        a space would be refused, and quoted in the error). Keepalives: a silently cut
+        network shows as an error within seconds, not after the kernel's 15 minutes."""
         import psycopg
 
-        url = self._engine.url.set(drivername="postgresql")
-        conn = psycopg.connect(
-            url.render_as_string(hide_password=False),
-            autocommit=True,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            application_name="kitt-server-events",
-        )
-        conn.execute(f"LISTEN {CHANNEL}")
+        args, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
+        kwargs.update(
+            autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+            application_name="kitt-server-events", **KEEPALIVES,
+        )  # fmt: skip
+        conn = psycopg.connect(*args, **kwargs)
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            _close_quietly(conn)
+            raise
         return conn
 
     def _drain(self, conn: Any) -> None:
@@ -167,8 +184,8 @@ class PgEventRelay:
     def _resync(self) -> None:
         try:
             self._on_resync()
-        except Exception:
-            log.exception("event relay: re-reading after a reconnect failed")
+        except Exception as exc:
+            self._warn(f"re-reading after a reconnect failed ({describe_error(exc)})")
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()

@@ -28,6 +28,9 @@ class ServerSettings:
     log_retention_s: float | None = None
     # How often the reaper prunes history (tests shorten it to see pruning happen).
     prune_every_s: float = 300.0
+    # On PostgreSQL, how often each instance re-reads which agents have pending work, in
+    # case another instance's notification was lost (tests lengthen it to prove NOTIFY).
+    pending_resync_s: float = 30.0
     numthreads: int = 64
     # A dispatched or running test whose agent stays offline this long is "lost".
     lost_after_s: float = 300.0

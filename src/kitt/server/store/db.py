@@ -21,7 +21,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from kitt.errors import KittError
 
@@ -140,6 +147,32 @@ def describe_error(exc: BaseException) -> str:
     never carry the password), without SQLAlchemy's statement dump and help link."""
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     return " ".join(str(cause).split()) or type(cause).__name__
+
+
+# SQLSTATE classes of a database that is away, not of a wrong statement: connection
+# exceptions, operator intervention (shutdown, restart), too many connections.
+_UNAVAILABLE_SQLSTATES = ("08", "57P", "53300")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is down, restarting or busy (retry shortly), as
+    opposed to a bug in a statement, which must stay a loud 500."""
+    if isinstance(exc, SATimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    cause = exc.orig
+    state = getattr(cause, "sqlstate", None)
+    if state is not None:
+        return bool(str(state).startswith(_UNAVAILABLE_SQLSTATES))
+    text = str(cause).lower()
+    # psycopg's failures to connect or to keep a connection carry no SQLSTATE; SQLite's
+    # only transient error is a lock held past the busy timeout.
+    return isinstance(exc, (OperationalError, InterfaceError)) and (
+        "database is locked" in text or type(cause).__module__.startswith("psycopg")
+    )
 
 
 def _connect(engine: Engine) -> Connection:
