@@ -110,6 +110,8 @@ def test_serving_against_an_endpoint_on_the_agent_host(
     assert [s["name"] for s in result["steps"]] == ["c=1", "c=2"]
     for step in result["steps"]:
         assert step["metrics"]["output_tokens"] == 6 * 6
-        assert step["metrics"]["ttft_ms"]["p50"] == pytest.approx(10, abs=5)
+        # The simulator waits 10 ms before the first token: never less, and a loaded
+        # machine (parallel test workers) adds scheduling delay, not tens of ms more.
+        assert 9.5 <= step["metrics"]["ttft_ms"]["p50"] <= 40
     listed = kitt.run("results", "list", "--json", check=True)
     assert [row["id"] for row in json.loads(listed.stdout)] == [done["id"]]

@@ -94,17 +94,20 @@ def test_closed_loop_measures_the_injected_timings(tmp_path: Path, sim_factory: 
         m = step["metrics"]
         assert m["requests"] == 24 and m["errors"] == 0
         assert m["output_tokens"] == 24 * 16  # usage says exactly max_tokens
-        # The client's medians agree with what the simulator actually did (its own clock),
-        # and with what was injected (the empty first chunk is not the first token).
-        assert m["ttft_ms"]["p50"] == pytest.approx(40, abs=3)
-        assert m["itl_ms"]["p50"] == pytest.approx(8, abs=2)
-        assert m["tpot_ms"]["p50"] == pytest.approx(8, abs=2)
+        # The client's medians agree with what was injected (the empty first chunk is not
+        # the first token): never below it, and above it only by scheduling delay (the
+        # suite runs on parallel workers; benchmarks/client_fidelity.py measures the
+        # error on a quiet machine: under 1 ms).
+        assert 39.5 <= m["ttft_ms"]["p50"] <= 50
+        assert 7.5 <= m["itl_ms"]["p50"] <= 12
+        assert 7.5 <= m["tpot_ms"]["p50"] <= 12
         assert m["token_check"]["warnings"] == []
-        # Closed loop: the next request leaves within a millisecond of a slot freeing up.
-        assert m["client"]["schedule_lag_ms"]["p50"] < 1.0
+        # Closed loop: the next request leaves as soon as a slot frees up (within a
+        # millisecond on a quiet machine; these tests share the CPU with other workers).
+        assert m["client"]["schedule_lag_ms"]["p50"] < 5.0
         assert 0 < m["client"]["cpu_fraction"] < 1.5
     assert doc["steps"][0]["metrics"]["ttft_ms"]["p50"] == pytest.approx(
-        truth["ttft_ms"]["p50"], abs=2.0
+        truth["ttft_ms"]["p50"], abs=5.0
     )
     # c=8 runs ~8 requests at a time: several times the throughput of c=1.
     c1, c8 = (s["metrics"]["request_throughput"] for s in doc["steps"])
@@ -137,7 +140,7 @@ def test_chat_api_open_loop_and_goodput(tmp_path: Path, sim_factory: Any) -> Non
     m = step["metrics"]
     assert m["requests"] == 40 and m["completed"] == 40
     # Constant arrivals at 40/s for 40 requests: ~1 s of offered load (+ the last request).
-    assert m["request_throughput"] == pytest.approx(40, rel=0.15)
+    assert 40 * 0.7 <= m["request_throughput"] <= 40 * 1.15  # a loaded machine lags
     # TTFT ~20 ms misses a 15 ms objective: no request is good.
     assert m["good_fraction"] == 0.0 and m["goodput"] == 0.0
     assert "goodput" in proc.stdout

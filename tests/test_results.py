@@ -480,7 +480,8 @@ def test_a_real_bench_serve_document_round_trips(kitt: Kitt, tmp_path: Path) -> 
     assert row["id"] == result_id and row["model"] == "sim"
     summary = document["summary"]
     assert row["best_step"] == summary["best_step"] in ("c=1", "c=4")
-    assert row["ttft_ms_p50"] == summary["ttft_ms_p50"] == pytest.approx(20, abs=5)
+    assert row["ttft_ms_p50"] == summary["ttft_ms_p50"]
+    assert 19.5 <= summary["ttft_ms_p50"] <= 50  # injected 20 ms, plus any scheduling delay
     assert row["best_output_token_throughput"] == summary["best_output_token_throughput"] > 0
     assert run_json(kitt, "results", "show", result_id)["document"] == document
     shown = run_ok(kitt, "results", "show", result_id)
