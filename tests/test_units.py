@@ -263,3 +263,21 @@ def test_systemd_unit_from_cgroup(text: str, unit: str | None) -> None:
     from kitt.agent.upgrade import unit_in_cgroup
 
     assert unit_in_cgroup(text) == unit
+
+
+def test_listeners_raise_their_open_files_limit_and_keep_spare_descriptors() -> None:
+    import resource
+
+    from kitt.http import keep_alive_limit, raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = raise_open_files_limit()
+    assert raised >= soft
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == raised
+    if hard != resource.RLIM_INFINITY:
+        assert raised == hard
+    # Idle keep-alive connections never take the descriptors the server needs for itself.
+    assert keep_alive_limit(1024) == 512
+    assert keep_alive_limit(20_000) == 19_488
+    assert keep_alive_limit(1 << 20) == 20_000
+    assert keep_alive_limit(100) == 64

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 import ssl
 import threading
@@ -225,6 +226,34 @@ class CertFileWatcher:
         log.info("certificate %s changed on disk; now serving it", self._path)
 
 
+# Idle keep-alive connections a listener keeps at most (one per agent between heartbeats).
+MAX_KEEP_ALIVE = 20_000
+# Descriptors kept free of keep-alive connections: the database, log files, new requests.
+_SPARE_FDS = 512
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (as nginx and Go's
+    runtime do) and return it: a fleet's agents each hold a keep-alive connection, and the
+    usual soft limit of 1,024 would stop a server with a thousand agents accepting any."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    return soft
+
+
+def keep_alive_limit(open_files: int) -> int:
+    """How many idle keep-alive connections to keep: past it the listener closes a
+    connection after its reply (the agent reconnects next time) instead of running out of
+    descriptors and failing every accept with "Too many open files"."""
+    return max(64, min(MAX_KEEP_ALIVE, open_files - _SPARE_FDS))
+
+
 class WsgiServer:
     """A cheroot server run on a background thread.
 
@@ -259,7 +288,7 @@ class WsgiServer:
             shutdown_timeout=5,
             accepted_queue_size=-1,
         )
-        self._server.keep_alive_conn_limit = 20_000
+        self._server.keep_alive_conn_limit = keep_alive_limit(raise_open_files_limit())
         # Flask enforces the 1 MiB body limit (MAX_CONTENT_LENGTH, chunked bodies too) and
         # answers in JSON; cheroot's own limit would answer first, in plain text.
         self._server.max_request_body_size = 0
