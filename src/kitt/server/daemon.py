@@ -39,7 +39,6 @@ from kitt.urls import is_loopback
 log = logging.getLogger(__name__)
 
 
-
 def open_database(settings: ServerSettings) -> Engine:
     """The server's database, migrated to the newest schema: ``settings.database_url``,
     else the SQLite file in the data folder."""
