@@ -16,6 +16,8 @@ import socket
 _FIRST = 10_000
 _BLOCK = 2_000  # ports per worker: far more than one worker's tests use in a run
 _BLOCKS = 11  # 10,000-31,999: below the usual ephemeral range (32768-60999)
+# Ports browsers refuse to load (Chromium's and Firefox's restricted list), in that range.
+_BROWSER_UNSAFE = {10080}
 
 
 def _worker() -> int:
@@ -29,6 +31,8 @@ _candidates = itertools.cycle(range(_FIRST + _worker() * _BLOCK, _FIRST + (_work
 
 def free_port() -> int:
     for port in _candidates:
+        if port in _BROWSER_UNSAFE:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
