@@ -113,9 +113,10 @@ class Dispatcher:
 
     def wake(self, agent_id: str) -> None:
         """New work for ``agent_id`` (a submit or a cancel): try to push it now."""
-        self.note_pending(agent_id)
-        if self._hub is not None:
+        if self._hub is not None:  # its observer (note_pending) runs here too
             self._hub.notify(WORK_TOPIC_PREFIX + agent_id)
+        else:
+            self.note_pending(agent_id)
         self._wake.put(agent_id)
 
     def note_pending(self, agent_id: str) -> None:

@@ -71,8 +71,6 @@ class PgEventRelay:
         self._sender = threading.Thread(target=self._send_loop, name="relay-send", daemon=True)
         self._listener = threading.Thread(target=self._listen_loop, name="relay-listen",
                                           daemon=True)  # fmt: skip
-        self.sent = 0  # NOTIFY statements sent (each may carry many topics)
-        self.received = 0  # topics heard from other instances
 
     def start(self, timeout: float = 10.0) -> None:
         """Start both threads; wait until the listener is listening, so that nothing
@@ -114,7 +112,6 @@ class PgEventRelay:
         try:
             with self._engine.begin() as conn:
                 conn.execute(_SEND, {"channel": CHANNEL, "payloads": payloads})
-            self.sent += 1
         except Exception as exc:  # the thread must outlive any error: it is the only sender
             self._warn(f"cannot tell other server instances of {len(topics)} changes "
                        f"({describe_error(exc)}); they catch up when it answers")  # fmt: skip
@@ -176,7 +173,6 @@ class PgEventRelay:
                     continue
                 _, _, topic = note.payload.partition(" ")
                 if topic:
-                    self.received += 1
                     self._deliver(topic)
             # A connection that died quietly raises here rather than waiting forever.
             conn.execute("SELECT 1")
